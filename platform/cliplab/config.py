@@ -1,0 +1,323 @@
+"""The experiment schema: one pydantic model describes a whole run; YAML files and `--set` overrides feed it.
+
+Unknown keys and bad values are refused here, before any worker starts, with the file and the dotted
+field name in the message. Secrets never come from YAML: keys that look like credentials are refused
+with a pointer to the environment variables that carry them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cliplab.errors import ConfigError
+
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential)", re.IGNORECASE)
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where the shards are and how they become batches."""
+
+    train_shards: str = Field(description="WebDataset URL(s): brace lists, s3://, file:// or local paths")
+    val_shards: str | None = None
+    batch_size: int = Field(64, gt=0, description="micro-batch per Ray worker")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per Ray worker")
+    shuffle_buffer: int = Field(1000, ge=0)
+    resampled: bool = False
+    samples_per_epoch: int | None = Field(None, gt=0, description="required when resampled")
+    image_size: int = Field(64, gt=0)
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip: bool = False
+    caption_key: str = Field("txt", description="sample field that holds the caption")
+    seed: int = 0
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"needs 0 < low <= high, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _epoch_size(self) -> DataConfig:
+        if self.resampled and self.samples_per_epoch is None:
+            raise ValueError("resampled: true needs samples_per_epoch")
+        return self
+
+
+class ModelConfig(Strict):
+    """An open_clip model by registered name, or an inline open_clip model config for small runs."""
+
+    name: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32")
+    config: dict[str, Any] | None = Field(None, description="inline open_clip config: embed_dim, vision_cfg, text_cfg")
+    pretrained: str | None = Field(None, description="local open_clip checkpoint to initialise from")
+    init_logit_scale: float = Field(2.6592, description="log(1/0.07), open_clip's default")
+    max_logit_scale: float = Field(100.0, gt=1.0, description="temperature bound: exp(logit_scale) <= this")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name is None) == (self.config is None):
+            raise ValueError("give exactly one of model.name or model.config")
+        if self.config is not None:
+            missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(self.config)
+            if missing:
+                raise ValueError(f"model.config lacks {sorted(missing)}")
+        return self
+
+
+class ObjectiveConfig(BaseModel):
+    """`name` picks a registered objective; every other key is validated by that objective's own schema."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "clip"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warmup, then cosine decay (or constant)."""
+
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class DeepSpeedSection(Strict):
+    """The DeepSpeed engine: ZeRO stage, precision, clipping; `overrides` is merged into the DS JSON."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    """Length and cadence of the run."""
+
+    steps: int = Field(gt=0)
+    accum_steps: int = Field(1, ge=1, description="micro-batches per step; negatives stay global")
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    seed: int = 0
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per worker; default cores/worker")
+    peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU when not auto-detected")
+    crash_at_step: int | None = Field(
+        None, ge=0, description="fault injection: raise once at this step (tests of resume); never in real runs"
+    )
+
+
+class ScalingSection(Strict):
+    """How many Ray Train workers and what each holds."""
+
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class StorageConfig(Strict):
+    """Where Ray keeps checkpoints and the exported model: a local path or s3:// (endpoint from env)."""
+
+    path: str = "cliplab-runs"
+
+
+class TrackingConfig(Strict):
+    """MLflow: URI (MLFLOW_TRACKING_URI wins), experiment, run name and where new experiments keep artifacts."""
+
+    tracking_uri: str | None = None
+    experiment: str = "cliplab"
+    run_name: str | None = None
+    artifact_location: str | None = Field(None, description="artifact root for a new experiment, e.g. s3://b/mlflow")
+    log_model: bool = True
+
+
+class ZeroShotTask(Strict):
+    """Zero-shot classification: labels from a dotted field of the sample json, prompts from templates."""
+
+    name: str
+    label_field: str
+    classnames: list[str] = Field(min_length=2)
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _has_slot(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' for the class name")
+        return v
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation, run every `every_steps` and at the end."""
+
+    every_steps: int | None = Field(None, gt=0)
+    max_samples: int = Field(1000, gt=0, description="held-out samples embedded per evaluation")
+    batch_size: int = Field(128, gt=0)
+    zeroshot: list[ZeroShotTask] = Field(default_factory=list)
+
+
+class Experiment(Strict):
+    """A whole experiment: data, model, objective, optimiser, engine, scaling, storage, tracking, eval."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig
+    model: ModelConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    train: TrainConfig
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Experiment:
+        if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: true; use bf16 or fp32 on CPU")
+        if self.eval.zeroshot and not self.data.val_shards:
+            raise ValueError("eval.zeroshot needs data.val_shards")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of the whole config (MLflow params, sweep spaces)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("config", "overrides"):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _find_secrets(tree: Any, path: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        found = []
+        for key, value in tree.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if SECRET_KEY.search(str(key)):
+                found.append(dotted)
+            found.extend(_find_secrets(value, dotted))
+        return found
+    if isinstance(tree, list):
+        return [hit for i, v in enumerate(tree) for hit in _find_secrets(v, f"{path}[{i}]")]
+    return []
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML scalar/list/map)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `dotted.key=value` in a copy of the raw config tree, creating sections as needed."""
+    out = yaml.safe_load(yaml.safe_dump(tree))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid experiment config"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `cliplab config schema`)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in ("missing",) and
+                                           not isinstance(err.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
+    """Validate a raw tree into an Experiment, including the objective's own parameters."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(tree).__name__}")
+    secrets = _find_secrets(tree)
+    if secrets:
+        raise ConfigError(
+            f"{source}: {', '.join(secrets)}: secrets are never read from config files; set them in the "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)"
+        )
+    try:
+        exp = Experiment.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    from cliplab.objectives.registry import validate_params
+
+    try:
+        validate_params(exp.objective.name, exp.objective.params)
+    except ValidationError as exc:
+        msg = _describe(exc, source).replace("\n  ", "\n  objective.")
+        raise ConfigError(msg) from None
+    except KeyError as exc:
+        raise ConfigError(f"{source}: objective.name: {exc.args[0]}") from None
+    return exp
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read a YAML experiment file, apply `--set` overrides, validate; errors name file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = apply_overrides(tree, overrides or [])
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return validate_tree(tree, source)
+
+
+def dump_yaml(exp: Experiment) -> str:
+    """The resolved config as YAML (logged as an artifact; reloadable with load_experiment)."""
+    return yaml.safe_dump(exp.model_dump(mode="json", exclude_none=False), sort_keys=False)

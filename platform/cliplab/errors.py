@@ -1,0 +1,13 @@
+"""Errors a user can cause: each names the field, file, shard or URL at fault and what to do."""
+
+
+class CliplabError(Exception):
+    """Base class for errors caused by input (config, data, storage), not by a bug."""
+
+
+class ConfigError(CliplabError):
+    """An experiment config is invalid; the message names the file and the dotted field."""
+
+
+class DataError(CliplabError):
+    """Shards cannot be found or read; the message names the URL or shard."""
