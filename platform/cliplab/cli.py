@@ -1,0 +1,120 @@
+"""`cliplab` command line: train, demo, shards synth|inspect, config validate|schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from cliplab.errors import CliplabError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted field, e.g. --set optim.lr=1e-4 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cliplab.config import load_experiment
+    from cliplab.runtime import check_fits, ensure_ray
+    from cliplab.train.trainer import run_training, summary_table
+
+    exp = load_experiment(args.config, args.overrides)
+    ensure_ray()
+    check_fits(exp)
+    outcome = run_training(exp, resume=args.resume)
+    print(summary_table(outcome))
+    print(f"\nrun {outcome.run_name}: MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cliplab.demo import run_demo
+
+    run_demo(workdir=args.workdir, train_samples=args.train_samples, steps=args.steps)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cliplab.data.synth import SynthSpec, write_synthscenes
+
+    spec = SynthSpec(num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
+                     image_size=args.image_size, noisy_fraction=args.noisy_fraction, seed=args.seed)
+    urls = write_synthscenes(args.url, spec)
+    print(f"wrote {spec.num_samples} samples in {len(urls)} shards: {urls[0]} ... {urls[-1]}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from cliplab.data.pipeline import inspect_shards
+
+    print(json.dumps(inspect_shards(args.url, n_show=args.show), indent=2, default=str))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cliplab.config import dump_yaml, load_experiment
+
+    print(dump_yaml(load_experiment(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from cliplab.config import Experiment
+
+    print(json.dumps(Experiment.model_json_schema(), indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cliplab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an experiment on Ray Train + DeepSpeed")
+    _config_args(t)
+    t.add_argument("--resume", metavar="RUN_NAME", help="resume this run from its latest checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="embedded S3 + local Ray + MLflow: synth data, train, evaluate")
+    d.add_argument("--workdir", default="cliplab-demo", help="where the MLflow store and checkpoints go")
+    d.add_argument("--train-samples", type=int, default=None, help="SynthScenes training samples")
+    d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: configs/demo.yaml)")
+    d.set_defaults(func=cmd_demo)
+
+    shards = sub.add_parser("shards", help="write or inspect WebDataset shards")
+    sh = shards.add_subparsers(dest="shards", required=True)
+    s = sh.add_parser("synth", help="write a SynthScenes dataset (local dir or s3://bucket/prefix)")
+    s.add_argument("url")
+    s.add_argument("--num-samples", type=int, default=10000)
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--noisy-fraction", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+    i = sh.add_parser("inspect", help="count samples and show one")
+    i.add_argument("url")
+    i.add_argument("--show", type=int, default=1, help="samples to show")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("config", help="validate a config or print the schema").add_subparsers(dest="cfg", required=True)
+    v = c.add_parser("validate", help="validate and print the resolved config")
+    _config_args(v)
+    v.set_defaults(func=cmd_validate)
+    c.add_parser("schema", help="JSON schema of the experiment config").set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except CliplabError as exc:
+        print(f"cliplab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, per-worker loop, checkpoints, and the Ray TorchTrainer around them."""

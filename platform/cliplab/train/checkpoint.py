@@ -1,0 +1,66 @@
+"""Step checkpoints (DeepSpeed state + each rank's data position) and the final open_clip export.
+
+Every rank writes its DeepSpeed shards and its own `data_rank{r}.json` into one temp directory; Ray
+merges the per-rank directories, and DeepSpeed's file names already carry the rank, so the merged
+checkpoint is complete. The data position makes a resumed run continue the data stream mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from ray.train import Checkpoint
+
+from cliplab.config import Experiment
+
+DS_DIR = "ds"
+
+
+def save(engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any], rank: int) -> Path:
+    """Write this rank's part of the step checkpoint into a fresh temp dir (collective)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"cliplab-ckpt-{step}-"))
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=f"step{step:08d}", client_state={"step": step})
+    (tmp / f"data_rank{rank}.json").write_text(json.dumps({"step": step, "data": data_state}))
+    return tmp
+
+
+def restore(engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint, rank: int) -> tuple[int, dict | None]:
+    """Load engine, optimizer and schedule state; return (completed steps, this rank's data position)."""
+    with checkpoint.as_directory() as d:
+        _, client = engine.load_checkpoint(str(Path(d) / DS_DIR))
+        if client is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_DIR}")
+        data_file = Path(d) / f"data_rank{rank}.json"
+        data = json.loads(data_file.read_text()) if data_file.exists() else None
+    step = int(client["step"])
+    return step, (data["data"] if data else None)
+
+
+def discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def export_open_clip(state: dict[str, torch.Tensor], exp: Experiment, out_dir: Path) -> dict[str, Path]:
+    """Save an open_clip checkpoint (and, for inline models, the model config open_clip needs to build it).
+
+    Load it back with `open_clip.create_model_and_transforms(NAME, pretrained=PATH)`, after
+    `open_clip.add_model_config(CONFIG_JSON)` for inline configs (NAME is the JSON's file stem).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"checkpoint": out_dir / "open_clip_model.pt"}
+    torch.save({"state_dict": state, "cliplab_experiment": exp.name}, files["checkpoint"])
+    if exp.model.config is not None:
+        files["config"] = out_dir / f"{export_model_name(exp)}.json"
+        files["config"].write_text(json.dumps(exp.model.config, indent=2))
+    return files
+
+
+def export_model_name(exp: Experiment) -> str:
+    """The open_clip model name under which an exported checkpoint loads."""
+    return exp.model.name or f"cliplab-{exp.name}"

@@ -1,0 +1,152 @@
+"""DeepSpeed engine assembly and the contrastive step with gradient accumulation.
+
+DeepSpeed's own accumulation sums per-micro-batch losses, which shrinks the negatives of a contrastive
+loss to one micro-batch. `contrastive_step` keeps them global (open_clip's scheme): embed every
+micro-batch without gradient, then recompute each with gradient against the cached features of the
+others, so the summed gradients equal those of the loss over the whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+from cliplab.config import Experiment
+from cliplab.objectives.registry import Objective
+
+NO_DECAY_HINTS = ("bias", "ln", "norm", "bn", "logit_scale", "positional_embedding", "class_embedding")
+
+
+def deepspeed_config(exp: Experiment, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this experiment; `deepspeed.overrides` is deep-merged last."""
+    ds = exp.deepspeed
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": exp.data.batch_size,
+        "gradient_accumulation_steps": exp.train.accum_steps,
+        "train_batch_size": exp.data.batch_size * exp.train.accum_steps * world_size,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "gradient_clipping": ds.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, ds.overrides)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's split: no weight decay on gains, biases, embeddings and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(h in name for h in NO_DECAY_HINTS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(exp: Experiment):
+    """Linear warmup to lr, then cosine to lr * min_lr_ratio (or constant), as a function of the step."""
+    o, total = exp.optim, exp.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> deepspeed.DeepSpeedEngine:
+    """Wrap the model with a torch AdamW (no fused CUDA op needed) and a warmup+cosine schedule."""
+    o = exp.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(exp))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(exp, world_size)
+    )
+    return engine
+
+
+def clamp_logit_scale(engine: deepspeed.DeepSpeedEngine, max_scale: float) -> float:
+    """Clamp the temperature in the fp32 master copy (an in-place clamp of the module param is lost).
+
+    Collective at ZeRO-3: every rank must call it. Returns exp(logit_scale) after clamping.
+    """
+    param = engine.module.logit_scale
+    full = safe_get_full_fp32_param(param)
+    if full is None:
+        full = param.detach().float()
+    bound = math.log(max_scale)
+    if full.max().item() > bound or full.min().item() < 0:
+        safe_set_full_fp32_param(param, full.clamp(0, bound))
+        full = full.clamp(0, bound)
+    return float(full.exp().max())
+
+
+def contrastive_step(
+    engine: deepspeed.DeepSpeedEngine, objective: Objective, micro_batches: list[dict[str, Any]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step over the micro-batches with global negatives; returns (loss, terms), detached."""
+    if len(micro_batches) == 1:
+        feats, scale = _embed(engine, objective, micro_batches[0])
+        loss, terms = objective.loss(feats, scale, micro_batches[0])
+        engine.backward(loss)
+        engine.step()
+        return loss.detach(), terms
+
+    with torch.no_grad():
+        cached = [_embed(engine, objective, mb)[0] for mb in micro_batches]
+    merged_batch = _concat_batches(micro_batches)
+    share = 1.0 / len(micro_batches)
+    for j, mb in enumerate(micro_batches):
+        fresh, scale = _embed(engine, objective, mb)
+        feats = {k: torch.cat([fresh[k] if i == j else c[k] for i, c in enumerate(cached)]) for k in fresh}
+        # every micro-step sees the whole loss through the temperature: count its gradient once in total
+        scale = scale.detach() + share * (scale - scale.detach())
+        loss, terms = objective.loss(feats, scale, merged_batch)
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+    return loss.detach(), terms
+
+
+def _embed(
+    engine: deepspeed.DeepSpeedEngine, objective: Objective, batch: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    feats, scale = objective.embed(engine, batch)
+    return {k: v.float() for k, v in feats.items()}, scale.float()
+
+
+def _concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, first in batches[0].items():
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat([b[key] for b in batches])
+        elif isinstance(first, list):
+            out[key] = [x for b in batches for x in b[key]]
+    return out
+
+
+def full_state_dict(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the whole model (collective at ZeRO-3; every rank must call it)."""
+    state = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        state[name] = (full if full is not None else p.detach().float()).cpu().clone()
+    for name, b in engine.module.named_buffers():
+        state[name] = b.detach().cpu().clone()
+    return state

@@ -1,0 +1,203 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs.
+
+config -> data -> model -> objective -> DeepSpeed engine -> steps -> report (metrics, checkpoints) ->
+rank-0 tracking. Every rank calls `ray.train.report` at the same steps (a barrier in Train V2), and every
+collective (loss average, evaluation, temperature clamp, export) is called by every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from cliplab.config import Experiment
+from cliplab.data.pipeline import StreamPosition, eval_batches, make_train_loader
+from cliplab.data.tokenize import build_tokenizer
+from cliplab.eval.runner import evaluate
+from cliplab.models.factory import Preprocess, build_model
+from cliplab.objectives.registry import build_objective
+from cliplab.tracking.mlflow import RunLogger
+from cliplab.train import checkpoint
+from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict
+from cliplab.train.throughput import Meter, device_peak_flops, training_flops_per_sample
+
+log = logging.getLogger("cliplab.train")
+
+
+class InjectedCrash(RuntimeError):
+    """Raised once at `train.crash_at_step` to exercise resume-from-checkpoint."""
+
+
+class ForwardEncoders(torch.nn.Module):
+    """encode_image/encode_text through the model's forward, so ZeRO-3 gathers root-level parameters."""
+
+    def __init__(self, engine: Any, dtype: torch.dtype):
+        super().__init__()
+        self.engine = engine
+        self.dtype = dtype
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.engine(image=image.to(self.dtype))["image_features"].float()
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.engine(text=text)["text_features"].float()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    exp = Experiment.model_validate(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    torch.set_num_threads(exp.train.torch_threads or max(1, int(exp.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(exp.train.seed)
+
+    model, pre = build_model(exp.model)
+    tokenizer = build_tokenizer(exp.model)
+    objective = build_objective(exp.objective.name, exp.objective.params)
+    engine = build_engine(model, exp, world)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[exp.deepspeed.precision]
+
+    step, data_state = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        step, data_state = checkpoint.restore(engine, ckpt, rank)
+        log.info("resumed from checkpoint at step %d", step)
+    loader, position = make_train_loader(exp.data, tokenizer, pre.mean, pre.std, rank, world, data_state)
+    batches = iter(loader)
+    tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+
+    meter, flops, peak = Meter(), None, exp.train.peak_flops or device_peak_flops(device, exp.deepspeed.precision)
+    crash_armed = exp.train.crash_at_step is not None and ckpt is None  # once: never after a resume
+    while step < exp.train.steps:
+        micro = []
+        for _ in range(exp.train.accum_steps):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            meter.waited(time.perf_counter() - t0)
+            position.update(batch)
+            micro.append(_to_device(batch, device, dtype))
+        if flops is None:
+            flops = training_flops_per_sample(engine.module, micro[0])
+        loss, terms = contrastive_step(engine, objective, micro)
+        scale = clamp_logit_scale(engine, exp.model.max_logit_scale)
+        step += 1
+        meter.add(exp.data.batch_size * exp.train.accum_steps * world)
+        if crash_armed and step == exp.train.crash_at_step:
+            raise InjectedCrash(f"train.crash_at_step={step}: injected fault")
+
+        last = step == exp.train.steps
+        metrics: dict[str, float] = {}
+        if step % exp.train.log_every == 0 or last:
+            metrics = _step_metrics(engine, loss, terms, scale, meter, position, flops, peak, world)
+        if exp.data.val_shards and exp.eval.every_steps and (step % exp.eval.every_steps == 0 or last):
+            metrics.update(_evaluate(engine, exp, tokenizer, pre, device, dtype, rank, world))
+        if metrics and tracker:
+            tracker.metrics(metrics, step)
+            log.info(_progress_line(step, exp.train.steps, metrics))
+        if step % exp.train.checkpoint_every == 0 or last:
+            tmp = checkpoint.save(engine, step, position.state_dict(), rank)
+            ray.train.report(
+                {"step": step, **metrics},
+                checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                checkpoint_dir_name=f"checkpoint_step{step:08d}",
+            )
+            checkpoint.discard(tmp)
+        elif metrics:
+            ray.train.report({"step": step, **metrics})
+
+    state = full_state_dict(engine)
+    if tracker:
+        _export(state, exp, tracker, config["export_dir"])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            out[key] = value.to(dtype) if value.is_floating_point() and key == "image" else value
+        else:
+            out[key] = value
+    return out
+
+
+def _mean_across(values: dict[str, float], world: int, op: str = "mean") -> dict[str, float]:
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    if op == "mean":
+        t /= world
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _step_metrics(
+    engine: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor], scale: float, meter: Meter,
+    position: StreamPosition, flops: float | None, peak: float | None, world: int,
+) -> dict[str, float]:
+    """Loss and terms averaged over workers, lr, temperature, throughput and data health."""
+    m = _mean_across({"loss": float(loss), **{k: float(v) for k, v in terms.items()}}, world)
+    rates = _mean_across(meter.read(), world)
+    skipped = position.state_dict()["skipped"]
+    health = _mean_across(
+        {"data/skipped_samples": float(skipped.get("samples", 0)),
+         "data/skipped_shards": float(skipped.get("shards", 0))},
+        world,
+        op="sum",
+    )
+    m.update(rates, **health, lr=engine.get_lr()[0], logit_scale=scale)
+    if flops is not None:
+        m["tflops_per_s"] = flops * rates["samples_per_s"] / 1e12
+        if peak:
+            m["mfu"] = flops * rates["samples_per_s"] / (peak * world)
+    return m
+
+
+def _evaluate(
+    engine: Any, exp: Experiment, tokenizer: Any, pre: Preprocess, device: torch.device, dtype: torch.dtype,
+    rank: int, world: int,
+) -> dict[str, float]:
+    """Held-out zero-shot and retrieval metrics, embedded by every rank over its share of the val shards."""
+    engine.eval()
+    batches = eval_batches(
+        exp.data.val_shards, exp.eval.batch_size, pre.image_size, pre.mean, pre.std, tokenizer,
+        exp.data.caption_key, rank, world, exp.eval.max_samples,
+    )
+    try:
+        return evaluate(ForwardEncoders(engine, dtype), tokenizer, batches, exp.eval.zeroshot, device)
+    finally:
+        engine.train()
+
+
+def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("logit_scale", "{:.1f}"), ("samples_per_s", "{:.0f}"),
+                     ("data_wait_frac", "{:.0%}")):
+        if key in m:
+            parts.append(f"{key} " + fmt.format(m[key]))
+    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.endswith(("/top1", "_R@1"))]
+    return " | ".join(parts)
+
+
+def _export(state: dict[str, torch.Tensor], exp: Experiment, tracker: RunLogger, export_dir: str) -> None:
+    """Rank 0: write the open_clip checkpoint to storage and log it (or its URI) to MLflow."""
+    import fsspec
+
+    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"cliplab-export-{tracker.run_id}"
+    files = checkpoint.export_open_clip(state, exp, local)
+    fs, root = fsspec.core.url_to_fs(export_dir)
+    fs.makedirs(root, exist_ok=True)
+    for path in files.values():
+        fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
+        if exp.tracking.log_model:
+            tracker.artifact(path, "model")
+    tracker.tags({"cliplab.model_uri": export_dir, "cliplab.open_clip_name": checkpoint.export_model_name(exp)})

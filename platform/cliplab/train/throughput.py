@@ -1,0 +1,58 @@
+"""Throughput bookkeeping: samples/s, share of time waiting for data, and model FLOPs utilisation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense peak FLOP/s per device for bf16/fp16 tensor-core math (vendor data sheets); fp32 runs use TF32.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
+}
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's peak for this precision if it is a known GPU; None on CPU or unknown devices."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def training_flops_per_sample(model: torch.nn.Module, batch: dict[str, Any]) -> float:
+    """FLOPs of forward + backward per sample, counted once on a real micro-batch (backward ~ 2x forward)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image=batch["image"], text=batch["text"])
+    return 3.0 * counter.get_total_flops() / batch["image"].shape[0]
+
+
+class Meter:
+    """Accumulates time and samples between log lines; `read()` returns rates and resets."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.samples = 0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def read(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"samples_per_s": self.samples / elapsed, "data_wait_frac": self.wait / elapsed}
+        self.__init__()
+        return out

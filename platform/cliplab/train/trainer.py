@@ -1,0 +1,156 @@
+"""The driver side of a training job: MLflow run, Ray `TorchTrainer`, final artifacts and summary.
+
+A run is named `<experiment>-<time>-<id>`; passing that name again (`cliplab train --resume NAME`)
+reuses Ray's storage path + name, which resumes from the latest checkpoint (Train V2 semantics) and
+continues the same MLflow run, whose id is kept next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cliplab.config import Experiment, dump_yaml
+from cliplab.errors import CliplabError
+from cliplab.tracking.mlflow import RunLogger, create_run, resolve_tracking_uri
+from cliplab.tracking.plots import loss_curves
+from cliplab.train.loop import train_loop_per_worker
+
+log = logging.getLogger("cliplab.trainer")
+
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "TORCH_EXTENSIONS_DIR",
+)
+RUN_FILE = "cliplab_run.json"
+SUMMARY_KEYS = ("loss", "samples_per_s", "data_wait_frac", "data/skipped_samples", "logit_scale")
+
+
+class TrainingFailed(CliplabError):
+    """The Ray job failed after its retries; the message carries the worker's error."""
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    storage: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+def storage_root(exp: Experiment) -> str:
+    """Ray's storage path: s3:// as given, local paths made absolute (Ray requires it)."""
+    path = exp.storage.path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def new_run_name(exp: Experiment) -> str:
+    return f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _run_file(storage: str, run_name: str) -> str:
+    return f"{storage.rstrip('/')}/{run_name}/{RUN_FILE}"
+
+
+def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: bool, parent: str | None) -> str:
+    """The run's MLflow id: created now, or read back from the run's storage when resuming."""
+    fs, path = fsspec.core.url_to_fs(_run_file(storage, run_name))
+    if resume:
+        if not fs.exists(path):
+            raise CliplabError(f"--resume {run_name}: no run of that name ({_run_file(storage, run_name)} is missing)")
+        return json.loads(fs.cat_file(path))["mlflow_run_id"]
+    run_id = create_run(exp, uri, run_name, parent_run_id=parent, tags={"ray.run_name": run_name})
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode())
+    return run_id
+
+
+def build_trainer(exp: Experiment, run_name: str, loop_config: dict[str, Any], storage: str,
+                  callbacks: list[Any] | None = None) -> TorchTrainer:
+    """The TorchTrainer for this experiment (shared by `cliplab train` and sweep trials)."""
+    s = exp.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if not s.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str | None = None) -> TrainOutcome:
+    """Run (or resume) a training job to the end; raises TrainingFailed with the worker's error."""
+    storage, uri = storage_root(exp), resolve_tracking_uri(exp)
+    run_name = resume or exp.tracking.run_name or new_run_name(exp)
+    run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id)
+    loop_config = {
+        "experiment": exp.model_dump(mode="json"),
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
+    }
+    log.info("run %s: storage %s/%s, MLflow run %s at %s", run_name, storage, run_name, run_id, uri)
+    tracker = RunLogger(uri, run_id)
+    try:
+        result = build_trainer(exp, run_name, loop_config, storage).fit()
+    except Exception as exc:
+        tracker.finish("FAILED")
+        raise TrainingFailed(f"run {run_name} failed: {exc}") from exc
+    _finish(exp, tracker, run_name)
+    metrics = tracker.client.get_run(run_id).data.metrics
+    return TrainOutcome(
+        run_name=run_name, mlflow_run_id=run_id, tracking_uri=uri, storage=f"{storage.rstrip('/')}/{run_name}",
+        metrics=metrics, checkpoint=result.checkpoint.path if result.checkpoint else None,
+    )
+
+
+def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
+    """Driver-side artifacts: resolved config, loss and eval curves from the run's history."""
+    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or k.endswith(("/top1", "_R@1"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(dump_yaml(exp))
+        tracker.artifact(cfg)
+        png = loss_curves({k: tracker.history(k) for k in curves}, Path(tmp) / "loss_curve.png", run_name)
+        tracker.artifact(png, "plots")
+    tracker.finish("FINISHED")
+
+
+def summary_table(outcome: TrainOutcome) -> str:
+    """A short plain-text table of the final metrics a person checks first."""
+    m = outcome.metrics
+    keys = [k for k in SUMMARY_KEYS if k in m]
+    keys += sorted(k for k in m if k.startswith(("zeroshot/", "retrieval/", "chance/")) and not k.endswith("_class"))
+    width = max(len(k) for k in keys) if keys else 10
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+    lines += [f"{k.ljust(width)}  {m[k]:.4g}" for k in keys]
+    return "\n".join(lines)
