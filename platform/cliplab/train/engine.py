@@ -143,10 +143,13 @@ def _concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
 
 def full_state_dict(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
     """The fp32 weights of the whole model (collective at ZeRO-3; every rank must call it)."""
+    params = dict(engine.module.named_parameters())
+    buffers = dict(engine.module.named_buffers())
     state = {}
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        state[name] = (full if full is not None else p.detach().float()).cpu().clone()
-    for name, b in engine.module.named_buffers():
-        state[name] = b.detach().cpu().clone()
+    for name in engine.module.state_dict():  # persistent entries only, in open_clip's order
+        if name in params:
+            full = safe_get_full_fp32_param(params[name])
+            state[name] = (full if full is not None else params[name].detach().float()).cpu().clone()
+        else:
+            state[name] = buffers[name].detach().cpu().clone()
     return state

@@ -1,0 +1,145 @@
+"""Throughput benchmarks, each printed as a ratio against a baseline measured in the same process.
+
+1. Training: samples/s of the cliplab step (DeepSpeed engine + contrastive step + temperature clamp)
+   next to a plain PyTorch loop (AdamW, forward, symmetric InfoNCE, backward, step) on the same model
+   and the same batches.
+2. Loading: samples/s of the cliplab reader streaming shards from the S3 endpoint (embedded moto on
+   127.0.0.1) next to the same shards on local disk.
+
+    .venv/bin/python benchmarks/run.py [--steps 30] [--batch 128] [--zero 2] [--precision fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cliplab.config import validate_tree
+from cliplab.data.pipeline import make_train_loader
+from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.data.tokenize import build_tokenizer
+from cliplab.embedded import create_bucket, s3_env, start_s3_server
+from cliplab.models.factory import build_model
+from cliplab.objectives.clip import ClipObjective, contrastive_loss
+from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_group() -> None:
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu")
+    torch.distributed.init_process_group("gloo")
+
+
+def _experiment(args: argparse.Namespace, shards: str):
+    import yaml
+
+    tree = yaml.safe_load(DEMO.read_text())
+    tree["data"].update(train_shards=shards, val_shards=None, batch_size=args.batch, num_workers=args.loader_workers)
+    tree["eval"] = {}
+    tree["deepspeed"].update(zero_stage=args.zero, precision=args.precision)
+    tree["scaling"]["num_workers"] = 1
+    return validate_tree(tree, str(DEMO))
+
+
+def _rate(fn, batches: list[dict], warmup: int) -> float:
+    for b in batches[:warmup]:
+        fn(b)
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        fn(b)
+    return sum(b["image"].shape[0] for b in batches[warmup:]) / (time.perf_counter() - start)
+
+
+def bench_training(args: argparse.Namespace, shards: str) -> tuple[float, float]:
+    exp = _experiment(args, shards)
+    loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
+    it = iter(loader)
+    batches = [{k: next(it)[k] for k in ("image", "text")} for _ in range(args.steps)]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+
+    torch.manual_seed(0)
+    model, _ = build_model(exp.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=exp.optim.lr, weight_decay=exp.optim.weight_decay)
+
+    def plain(batch: dict) -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(image=batch["image"], text=batch["text"])
+        loss, _, _ = contrastive_loss(out["image_features"].float(), out["text_features"].float(),
+                                      out["logit_scale"].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    plain_rate = _rate(plain, batches, warmup=3)
+
+    torch.manual_seed(0)
+    model, _ = build_model(exp.model)
+    engine = build_engine(model, exp, world_size=1)
+    objective = ClipObjective()
+
+    def cliplab_step(batch: dict) -> None:
+        contrastive_step(engine, objective, [{**batch, "image": batch["image"].to(dtype)}])
+        clamp_logit_scale(engine, exp.model.max_logit_scale)
+
+    return _rate(cliplab_step, batches, warmup=3), plain_rate
+
+
+def bench_loading(args: argparse.Namespace, local: str, remote: str) -> tuple[float, float]:
+    rates = []
+    for shards in (remote, local):
+        exp = _experiment(args, shards)
+        loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
+        it = iter(loader)
+        next(it)
+        start = time.perf_counter()
+        n = sum(next(it)["image"].shape[0] for _ in range(args.load_batches))
+        rates.append(n / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--zero", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--loader-workers", type=int, default=1)
+    p.add_argument("--load-batches", type=int, default=40)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    with tempfile.TemporaryDirectory() as tmp, start_s3_server() as s3:
+        os.environ.update(s3_env(s3.endpoint))
+        create_bucket(s3.endpoint, "bench")
+        spec = SynthSpec(num_samples=8000, samples_per_shard=1000, seed=0)
+        write_synthscenes(f"{tmp}/shards", spec)
+        write_synthscenes("s3://bench/shards", spec)
+        local, remote = f"{tmp}/shards/{{00000..00007}}.tar", "s3://bench/shards/{00000..00007}.tar"
+
+        _single_process_group()
+        ours, plain = bench_training(args, local)
+        s3_rate, local_rate = bench_loading(args, local, remote)
+
+    print(f"\ncliplab benchmarks (batch {args.batch}, ZeRO-{args.zero}, {args.precision}, "
+          f"{torch.get_num_threads()} threads, demo model)")
+    print(f"{'measure':<34}{'cliplab':>12}{'baseline':>12}{'ratio':>8}")
+    print(f"{'train samples/s (vs plain torch)':<34}{ours:>12.1f}{plain:>12.1f}{ours / plain:>8.2f}")
+    print(f"{'loader samples/s (S3 vs local)':<34}{s3_rate:>12.1f}{local_rate:>12.1f}{s3_rate / local_rate:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""DeepSpeed engine assembly on a real single-process gloo group: temperature clamp, schedule, export."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+from cliplab.config import validate_tree
+from cliplab.models.factory import build_model
+from cliplab.objectives.clip import ClipObjective
+from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict, lr_lambda
+
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+        torch.distributed.init_process_group("gloo")
+    yield
+
+
+def exp_with(**train):
+    return validate_tree({
+        "name": "eng", "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4}, "model": {"config": TINY},
+        "optim": {"lr": 0.1, "warmup_steps": 2, "min_lr_ratio": 0.1}, "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+        "train": {"steps": 10, **train}, "scaling": {"num_workers": 1},
+    })
+
+
+def batch(n: int = 4) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.randn(n, 3, 16, 16, generator=g), "text": torch.randint(1, 400, (n, 8), generator=g)}
+
+
+def test_clamp_bounds_the_temperature_in_the_master_weights(process_group) -> None:
+    exp = exp_with()
+    model, _ = build_model(exp.model)
+    engine = build_engine(model, exp, world_size=1)
+    safe_set_full_fp32_param(engine.module.logit_scale, torch.tensor([9.0]))
+    assert clamp_logit_scale(engine, 100.0) == pytest.approx(100.0, rel=1e-5)
+    contrastive_step(engine, ClipObjective(), [batch()])
+    # the step copies the fp32 master back into the module: the clamp survived it
+    assert engine.module.logit_scale.item() <= math.log(100.0) + 1e-3
+    assert safe_get_full_fp32_param(engine.module.logit_scale).item() <= math.log(100.0) + 1e-3
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    f = lr_lambda(exp_with())
+    assert [round(f(s), 3) for s in (0, 1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0)
+    assert f(9) < f(5) < f(2)
+    assert f(10) == pytest.approx(0.1)
+
+
+def test_accumulated_step_trains_and_full_state_loads_into_open_clip(process_group) -> None:
+    exp = exp_with(accum_steps=2)
+    model, _ = build_model(exp.model)
+    engine = build_engine(model, exp, world_size=1)
+    b = batch(8)
+    micro = [{k: v[:4] for k, v in b.items()}, {k: v[4:] for k, v in b.items()}]
+    losses = [contrastive_step(engine, ClipObjective(), micro)[0].item() for _ in range(5)]
+    assert losses[-1] < losses[0]
+    state = full_state_dict(engine)
+    fresh, _ = build_model(exp.model)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.visual.conv1.weight, safe_get_full_fp32_param(engine.module.visual.conv1.weight))
