@@ -1,0 +1,326 @@
+"""The WebDataset reader: split by Ray worker and DataLoader worker, shuffled, infinite, resumable mid-epoch.
+
+Tar parsing is webdataset's (`tar_file_expander`, `group_by_keys`); cliplab owns the stages around it
+so that the stream can be checkpointed. There are G = world_size x max(1, num_workers) logical readers;
+reader g = rank * num_workers + slot. Each epoch, reader g takes shards[g::G] of a seeded permutation
+(or, resampled, draws shards with replacement until samples_per_epoch // G samples), then rolls over
+to the next epoch: the stream never ends, so every rank always has a batch and all ranks step equally.
+
+Every batch carries its reader's cursor: the next read position (epoch, shard, sample), the positions
+(not bytes) of the samples in the shuffle buffer, and the shuffle RNG state. A resumed reader re-reads
+from the oldest buffered position, refills the buffer with exactly those raw samples (skipping others
+undecoded) and continues sample for sample as the uninterrupted stream would. Augmentation randomness
+is a hash of (seed, epoch, shard, key), so it needs no state.
+
+Not exact: changing data.num_workers, the shard list or the batch size between save and resume (refused
+for num_workers and shards); a DataLoader worker stream that ends (impossible here, streams are infinite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from cliplab.config import DataConfig
+from cliplab.data.augment import eval_view, train_view
+from cliplab.data.shards import expand_urls, open_shard
+from cliplab.errors import DataError
+
+log = logging.getLogger("cliplab.data")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+Tokenizer = Callable[[list[str]], torch.Tensor]
+Pos = tuple[int, int, int, int]  # epoch, shard index in the epoch's order, sample index in shard, read in epoch
+
+
+def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded."""
+
+    def record(exc: Exception) -> bool:
+        errors.append(f"{url}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+        return False
+
+    try:
+        stream = open_shard(url)
+    except DataError as exc:
+        errors.append(str(exc))
+        return
+    with stream:
+        files = tar_file_expander([{"stream": stream, "url": url}], handler=record)
+        yield from group_by_keys(files, handler=record)
+
+
+def _stable_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha1("|".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def decode(raw: dict[str, Any], caption_key: str) -> tuple[Image.Image, str, dict] | None:
+    """(RGB image, caption, json) of a raw sample, or None when image or caption is missing or corrupt."""
+    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if image_key is None or caption_key not in raw:
+        return None
+    try:
+        img = Image.open(io.BytesIO(raw[image_key]))
+        img = img.convert("RGB")
+        caption = raw[caption_key].decode("utf-8").strip()
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except Exception:
+        return None
+    return img, caption, meta if isinstance(meta, dict) else {}
+
+
+class Reader:
+    """One logical reader: its shard order per epoch, read position, shuffle buffer and skip counters."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, g: int, num_readers: int, cursor: dict | None):
+        self.urls, self.cfg, self.g, self.G = urls, cfg, g, num_readers
+        self.quota = cfg.samples_per_epoch // num_readers if cfg.resampled and cfg.samples_per_epoch else None
+        self.rng = random.Random(_stable_seed(cfg.seed, "shuffle", g))
+        self.read: Pos = (0, 0, 0, 0)
+        self.buffer: list[tuple[Pos, dict]] = []
+        self.skipped = {"samples": 0, "shards": 0}
+        self.emitted = 0
+        self._pending: list[Pos] = []
+        if cursor is not None:
+            self._load(cursor)
+
+    def order(self, epoch: int, index: int) -> str | None:
+        """The shard at `index` of this reader's order in `epoch` (None past the end of the epoch)."""
+        if self.quota is not None:
+            rng = random.Random(_stable_seed(self.cfg.seed, "resample", epoch, self.g))
+            picks = [rng.randrange(len(self.urls)) for _ in range(index + 1)]
+            return self.urls[picks[-1]]
+        perm = list(self.urls)
+        random.Random(_stable_seed(self.cfg.seed, "epoch", epoch)).shuffle(perm)
+        mine = perm[self.g :: self.G]
+        return mine[index] if index < len(mine) else None
+
+    def raw(self, start: Pos) -> Iterator[tuple[Pos, dict]]:
+        """Raw samples with their positions from `start` on, forever, skipping failed shards."""
+        epoch, shard, sample, in_epoch = start
+        while True:
+            good = 0
+            while (url := self.order(epoch, shard)) is not None:
+                errors: list[str] = []
+                j = -1
+                for j, raw in enumerate(read_shard(url, errors)):
+                    if j < sample:
+                        continue
+                    if self.quota is not None and in_epoch >= self.quota:
+                        break
+                    in_epoch += 1
+                    yield (epoch, shard, j, in_epoch - 1), raw
+                if errors:
+                    if (epoch, shard) >= tuple(self.read[:2]):  # not already counted before a resume
+                        self.skipped["shards"] += 1
+                    log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, "; ".join(errors))
+                good += j >= 0
+                if self.quota is not None and in_epoch >= self.quota:
+                    break
+                shard, sample = shard + 1, 0
+            if not good:
+                raise DataError(f"reader {self.g}: no readable shard in epoch {epoch} of {len(self.urls)} "
+                                f"(first: {self.urls[0]}); check the URLs and credentials")
+            epoch, shard, sample, in_epoch = epoch + 1, 0, 0, 0
+
+    def samples(self) -> Iterator[tuple[int, dict]]:
+        """(epoch, raw sample) after the shuffle buffer; updates the read position as it goes."""
+        size = self.cfg.shuffle_buffer
+        start = min([p for p in self._pending] + [self.read])
+        restore = {p: i for i, p in enumerate(self._pending)}
+        refill: list[tuple[Pos, dict] | None] = [None] * len(self._pending)
+        for pos, raw in self.raw(start):
+            if pos[:3] < self.read[:3]:
+                if pos in restore:
+                    refill[restore[pos]] = (pos, raw)
+                continue
+            if self._pending:
+                self.buffer = [entry for entry in refill if entry is not None]
+                self._pending = []
+            self.read = _next(pos)
+            if size <= 1:
+                yield pos[0], raw
+                continue
+            self.buffer.append((pos, raw))
+            if len(self.buffer) < size:
+                continue
+            k = self.rng.randrange(len(self.buffer))
+            self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
+            out_pos, out = self.buffer.pop()
+            yield out_pos[0], out
+
+    def cursor(self) -> dict[str, Any]:
+        version, state, gauss = self.rng.getstate()
+        return {"reader": self.g, "readers": self.G, "read": list(self.read),
+                "buffer": [list(p) for p, _ in self.buffer], "rng": [version, list(state), gauss],
+                "emitted": self.emitted, "skipped": dict(self.skipped)}
+
+    def _load(self, cursor: dict[str, Any]) -> None:
+        if cursor["readers"] != self.G:
+            raise DataError(f"data position was saved with {cursor['readers']} readers (Ray workers x "
+                            f"data.num_workers), this run has {self.G}; resume with the same scaling.num_workers "
+                            "and data.num_workers")
+        self.read = tuple(cursor["read"])
+        self._pending = [tuple(p) for p in cursor["buffer"]]
+        version, state, gauss = cursor["rng"]
+        self.rng.setstate((version, tuple(state), gauss))
+        self.emitted = cursor["emitted"]
+        self.skipped = dict(cursor["skipped"])
+
+
+def _next(pos: Pos) -> Pos:
+    return pos[0], pos[1], pos[2] + 1, pos[3] + 1
+
+
+class TrainStream(IterableDataset):
+    """Batches of decoded, augmented, tokenised samples from this DataLoader worker's logical reader."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], tokenizer: Tokenizer, mean: Sequence[float],
+                 std: Sequence[float], rank: int, world_size: int, position: dict | None):
+        self.cfg, self.urls, self.tokenizer, self.mean, self.std = cfg, urls, tokenizer, mean, std
+        self.rank, self.world = rank, world_size
+        self.slots = max(1, cfg.num_workers)
+        self.position = position or {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None:
+            torch.set_num_threads(1)
+        worker = info.id if info is not None else 0
+        slot = (worker + self.position.get("rotation", 0)) % self.slots
+        g = self.rank * self.slots + slot
+        reader = Reader(self.urls, self.cfg, g, self.world * self.slots, self.position.get("readers", {}).get(str(g)))
+        stream = reader.samples()
+        while True:
+            rows = []
+            while len(rows) < self.cfg.batch_size:
+                epoch, raw = next(stream)
+                decoded = decode(raw, self.cfg.caption_key)
+                if decoded is None:
+                    reader.skipped["samples"] += 1
+                    log.warning("skipped sample %s in %s: missing or undecodable image or caption",
+                                raw.get("__key__"), raw.get("__url__"))
+                    continue
+                img, caption, meta = decoded
+                rng = random.Random(_stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
+                rows.append((raw["__key__"], caption, meta, train_view(img, self.cfg, self.mean, self.std, rng)))
+            reader.emitted += len(rows)
+            yield {
+                "image": torch.stack([r[3]["image"] for r in rows]),
+                "text": self.tokenizer([r[1] for r in rows]),
+                "crop_box": torch.stack([r[3]["crop_box"] for r in rows]),
+                "flip": torch.tensor([r[3]["flip"] for r in rows]),
+                "key": [r[0] for r in rows],
+                "json": [r[2] for r in rows],
+                "__cursor__": reader.cursor(),
+            }
+
+
+class StreamPosition:
+    """What the train loop checkpoints: the latest cursor of each reader it consumed, and the batch count."""
+
+    def __init__(self, slots: int, state: dict | None = None):
+        state = state or {}
+        self.slots = slots
+        self.readers: dict[str, dict] = dict(state.get("readers", {}))
+        self.batches = int(state.get("batches", 0))
+        self.rotation = int(state.get("rotation", 0))
+
+    def update(self, batch: dict[str, Any]) -> None:
+        cursor = batch["__cursor__"]
+        self.readers[str(cursor["reader"])] = cursor
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        skipped = {"samples": 0, "shards": 0}
+        for cursor in self.readers.values():
+            for key in skipped:
+                skipped[key] += cursor["skipped"][key]
+        rotation = (self.rotation + self.batches) % self.slots
+        return {"readers": dict(self.readers), "batches": self.batches, "rotation": rotation, "skipped": skipped}
+
+
+def make_train_loader(cfg: DataConfig, tokenizer: Tokenizer, mean: Sequence[float], std: Sequence[float], rank: int,
+                      world_size: int, position: dict | None) -> tuple[DataLoader, StreamPosition]:
+    """The DataLoader (batches built in its workers) and the position tracker to checkpoint."""
+    urls = expand_urls(cfg.train_shards)
+    slots = max(1, cfg.num_workers)
+    if not cfg.resampled and len(urls) < world_size * slots:
+        raise DataError(f"data.train_shards: {len(urls)} shards for {world_size} Ray workers x {slots} loader "
+                        f"workers; need at least {world_size * slots} shards, or set data.resampled")
+    start = {"readers": position["readers"], "rotation": position["rotation"]} if position else None
+    stream = TrainStream(cfg, urls, tokenizer, mean, std, rank, world_size, start)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                        multiprocessing_context="fork" if cfg.num_workers else None,
+                        prefetch_factor=2 if cfg.num_workers else None)
+    return loader, StreamPosition(slots, start)
+
+
+def eval_batches(spec: str, batch_size: int, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 tokenizer: Tokenizer, caption_key: str, rank: int, world_size: int,
+                 max_samples: int) -> Iterator[dict[str, Any]]:
+    """Held-out batches without augmentation, in shard order; rank r reads shards[r::W] and keeps at most its
+    share of max_samples (max_samples // W, the first max_samples % W ranks one more): disjoint, deterministic."""
+    urls = expand_urls(spec)[rank::world_size]
+    cap = max_samples // world_size + (rank < max_samples % world_size)
+    rows: list[tuple[str, str, dict, torch.Tensor]] = []
+    taken = 0
+    for url in urls:
+        errors: list[str] = []
+        for raw in read_shard(url, errors):
+            if taken >= cap:
+                break
+            decoded = decode(raw, caption_key)
+            if decoded is None:
+                continue
+            img, caption, meta = decoded
+            rows.append((raw["__key__"], caption, meta, eval_view(img, image_size, mean, std)))
+            taken += 1
+            if len(rows) == batch_size:
+                yield _eval_batch(rows, tokenizer)
+                rows = []
+        if errors:
+            log.warning("eval: %s", "; ".join(errors))
+    if rows:
+        yield _eval_batch(rows, tokenizer)
+
+
+def _eval_batch(rows: list[tuple[str, str, dict, torch.Tensor]], tokenizer: Tokenizer) -> dict[str, Any]:
+    return {"image": torch.stack([r[3] for r in rows]), "text": tokenizer([r[1] for r in rows]),
+            "key": [r[0] for r in rows], "json": [r[2] for r in rows]}
+
+
+def inspect_shards(spec: str, n_show: int = 1) -> dict[str, Any]:
+    """Counts per shard, extensions seen, unreadable shards/samples, and the first samples' contents."""
+    per_shard: dict[str, int] = {}
+    extensions: dict[str, int] = {}
+    bad_samples, errors, shown = 0, [], []
+    for url in expand_urls(spec):
+        shard_errors: list[str] = []
+        n = 0
+        for raw in read_shard(url, shard_errors):
+            n += 1
+            for ext in raw:
+                if not ext.startswith("__"):
+                    extensions[ext] = extensions.get(ext, 0) + 1
+            decoded = decode(raw, "txt")
+            if decoded is None:
+                bad_samples += 1
+            elif len(shown) < n_show:
+                img, caption, meta = decoded
+                shown.append({"key": raw["__key__"], "url": url, "image_size": list(img.size), "caption": caption,
+                              "json": meta})
+        per_shard[url] = n
+        errors += shard_errors
+    return {"shards": len(per_shard), "samples": sum(per_shard.values()), "per_shard": per_shard,
+            "extensions": extensions, "undecodable_samples": bad_samples, "shard_errors": errors,
+            "examples": shown}
