@@ -184,7 +184,7 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
                      ("data_wait_frac", "{:.0%}")):
         if key in m:
             parts.append(f"{key} " + fmt.format(m[key]))
-    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.endswith(("/top1", "_R@1"))]
+    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.endswith(("/top1", "_R1"))]
     return " | ".join(parts)
 
 

@@ -135,7 +135,7 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
 def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
     """Driver-side artifacts: resolved config, loss and eval curves from the run's history."""
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
-    curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or k.endswith(("/top1", "_R@1"))]
+    curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or k.endswith(("/top1", "_R1"))]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(dump_yaml(exp))

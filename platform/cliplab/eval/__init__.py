@@ -1,0 +1,1 @@
+"""Held-out evaluation: zero-shot classification and image-text retrieval, for single- and multi-branch models."""

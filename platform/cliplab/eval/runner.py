@@ -1,0 +1,28 @@
+"""Run every held-out evaluation and name the metrics as MLflow shows them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from cliplab.config import ZeroShotTask
+from cliplab.eval.embed import embed_batches
+from cliplab.eval.retrieval import retrieval_metrics
+from cliplab.eval.zeroshot import class_embeddings, lookup, zeroshot_accuracy
+
+
+def evaluate(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], batches: Iterable[dict[str, Any]],
+             tasks: list[ZeroShotTask], device: torch.device, branch: int | None = None) -> dict[str, float]:
+    """`zeroshot/<task>/top1`, `chance/<task>`, `retrieval/i2t_R1`, ..., `eval/n_samples` (collective)."""
+    data = embed_batches(model, batches, device)
+    out: dict[str, float] = {"eval/n_samples": float(len(data["key"]))}
+    for task in tasks:
+        classes = class_embeddings(model, tokenizer, task.classnames, task.templates, device)
+        labels = [lookup(meta, task.label_field) for meta in data["json"]]
+        for name, value in zeroshot_accuracy(data["image"], classes, labels, task.classnames, branch).items():
+            out[f"zeroshot/{task.name}/{name}"] = value
+        out[f"chance/{task.name}"] = 1.0 / len(task.classnames)
+    out.update({f"retrieval/{k}": v for k, v in retrieval_metrics(data["image"], data["text"], branch).items()})
+    return out

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real local services (S3 endpoint on 127.0.0.1, Ray, MLflow stores)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from cliplab.embedded import create_bucket, s3_env, start_s3_server
+from fixtures_ray import mlflow_uri, ray_local  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port, with the env vars every client (and Ray worker) reads."""
+    saved = dict(os.environ)
+    with start_s3_server() as server:
+        os.environ.update(s3_env(server.endpoint))
+        yield server
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    create_bucket(s3_server.endpoint, name)
+    return name
