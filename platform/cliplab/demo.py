@@ -51,7 +51,8 @@ def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, st
         create_bucket(s3.endpoint, bucket)
         log.info("embedded S3 endpoint at %s, bucket %s", s3.endpoint, bucket)
         prefix = exp.data.train_shards.rsplit("/", 1)[0]
-        write_synthscenes(prefix, SynthSpec(num_samples=per_shard * n_train_shards, samples_per_shard=per_shard, seed=0))
+        train_spec = SynthSpec(num_samples=per_shard * n_train_shards, samples_per_shard=per_shard, seed=0)
+        write_synthscenes(prefix, train_spec)
         val_prefix = exp.data.val_shards.rsplit("/", 1)[0]
         n_val = _shard_count(exp.data.val_shards)
         write_synthscenes(val_prefix, SynthSpec(num_samples=VAL_SAMPLES, samples_per_shard=VAL_SAMPLES // n_val,

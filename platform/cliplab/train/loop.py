@@ -74,7 +74,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(loader)
     tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
 
-    meter, flops, peak = Meter(), None, exp.train.peak_flops or device_peak_flops(device, exp.deepspeed.precision)
+    meter, flops, counted = Meter(), None, False
+    peak = exp.train.peak_flops or device_peak_flops(device, exp.deepspeed.precision)
     crash_armed = exp.train.crash_at_step is not None and ckpt is None  # once: never after a resume
     while step < exp.train.steps:
         micro = []
@@ -84,8 +85,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             meter.waited(time.perf_counter() - t0)
             position.update(batch)
             micro.append(_to_device(batch, device, dtype))
-        if flops is None:
-            flops = training_flops_per_sample(engine.module, micro[0])
+        if not counted:
+            flops, counted = training_flops_per_sample(engine.module, micro[0]), True
         loss, terms = contrastive_step(engine, objective, micro)
         scale = clamp_logit_scale(engine, exp.model.max_logit_scale)
         step += 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger("cliplab.train")
 
 # Dense peak FLOP/s per device for bf16/fp16 tensor-core math (vendor data sheets); fp32 runs use TF32.
 PEAK_FLOPS = {
@@ -30,10 +33,20 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def training_flops_per_sample(model: torch.nn.Module, batch: dict[str, Any]) -> float:
-    """FLOPs of forward + backward per sample, counted once on a real micro-batch (backward ~ 2x forward)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(image=batch["image"], text=batch["text"])
+def training_flops_per_sample(model: torch.nn.Module, batch: dict[str, Any]) -> float | None:
+    """FLOPs of forward + backward per sample, counted once on a real micro-batch (backward ~ 2x forward).
+
+    Counted in eval mode so that batch-norm statistics are not touched; None where the counter fails.
+    """
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image=batch["image"], text=batch["text"])
+    except RuntimeError as exc:
+        log.warning("FLOP counting failed (%s); tflops_per_s and mfu are not reported", exc)
+        return None
+    finally:
+        model.train()
     return 3.0 * counter.get_total_flops() / batch["image"].shape[0]
 
 

@@ -102,6 +102,7 @@ def build_trainer(exp: Experiment, run_name: str, loop_config: dict[str, Any], s
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks or [],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # progress comes from rank 0's lines
         ),
     )
 

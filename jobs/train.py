@@ -1,0 +1,29 @@
+"""`ray job submit ... -- python jobs/train.py --config configs/X.yaml [--set k=v ...] [--resume RUN]`.
+
+Connects to the cluster the job runs in (RAY_ADDRESS, set by the job server), trains, exits non-zero
+with the reason on stderr on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working_dir upload is not installed
+
+from cliplab.cli import main  # noqa: E402
+
+
+def run(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--resume")
+    args = p.parse_args(argv)
+    cli = ["train", args.config, *(f"--set={o}" for o in args.overrides)]
+    return main(cli + (["--resume", args.resume] if args.resume else []))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

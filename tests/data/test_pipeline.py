@@ -1,0 +1,157 @@
+"""The reader: split, resume equivalence, corrupt data, img2dataset layout, evaluation split."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from cliplab.config import DataConfig, ModelConfig
+from cliplab.data.augment import random_resized_crop
+from cliplab.data.pipeline import Reader, eval_batches, inspect_shards, make_train_loader
+from cliplab.data.shards import expand_urls
+from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.data.tokenize import build_tokenizer
+from cliplab.errors import DataError
+
+TOK = build_tokenizer(ModelConfig(config={"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"context_length": 16}}))
+NORM = ((0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("synth")
+    write_synthscenes(str(root), SynthSpec(num_samples=240, samples_per_shard=30, image_size=32))
+    return f"{root}/{{00000..00007}}.tar"
+
+
+def cfg(spec: str, **kw) -> DataConfig:
+    return DataConfig(**{"train_shards": spec, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 20,
+                         "image_size": 32, **kw})
+
+
+def test_crop_box_reproduces_the_crop() -> None:
+    img = Image.fromarray(torch.randint(0, 255, (40, 60, 3), dtype=torch.uint8).numpy())
+    crop, box = random_resized_crop(img, 16, (0.3, 0.8), (0.75, 1.33), random.Random(0))
+    x0, y0, x1, y1 = box[0] * 60, box[1] * 40, box[2] * 60, box[3] * 40
+    again = img.resize((16, 16), Image.Resampling.BICUBIC, box=(x0, y0, x1, y1))
+    assert list(again.getdata()) == list(crop.getdata())
+    assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+
+
+def test_ranks_and_workers_split_an_epoch_without_loss_or_duplicates(shards) -> None:
+    urls = expand_urls(shards)
+    c = cfg(shards, shuffle_buffer=0, num_workers=2)
+    seen = []
+    for g in range(4):  # 2 ranks x 2 loader workers
+        stream = Reader(urls, c, g, 4, None).samples()
+        while True:
+            epoch, raw = next(stream)
+            if epoch > 0:
+                break
+            seen.append(raw["__key__"])
+    assert len(seen) == 240 and len(set(seen)) == 240
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_stream_exactly(shards, workers) -> None:
+    c = cfg(shards, num_workers=workers)
+    loader, position = make_train_loader(c, TOK, *NORM, rank=1, world_size=2, position=None)
+    it, ref, state = iter(loader), [], None
+    for i in range(24):  # 120 samples per rank per epoch = 15 batches: crosses an epoch boundary
+        batch = next(it)
+        position.update(batch)
+        ref.append(batch)
+        if i == 6:
+            state = json.loads(json.dumps(position.state_dict()))  # as it travels through a checkpoint
+    resumed, _ = make_train_loader(c, TOK, *NORM, rank=1, world_size=2, position=state)
+    it2 = iter(resumed)
+    for i in range(7, 24):
+        batch = next(it2)
+        assert batch["key"] == ref[i]["key"], f"batch {i}"
+        assert torch.equal(batch["image"], ref[i]["image"]) and torch.equal(batch["text"], ref[i]["text"])
+
+
+def test_resume_refuses_a_different_reader_count(shards) -> None:
+    loader, position = make_train_loader(cfg(shards), TOK, *NORM, rank=0, world_size=1, position=None)
+    position.update(next(iter(loader)))
+    other, _ = make_train_loader(cfg(shards, num_workers=2), TOK, *NORM, 0, 1, position.state_dict())
+    with pytest.raises(Exception, match="resume with the same"):
+        next(iter(other))
+
+
+def _rewrite(src: Path, dst: Path, corrupt_jpg: int | None = None, truncate: int | None = None) -> None:
+    data = src.read_bytes()
+    if corrupt_jpg is not None:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tin, tarfile.open(fileobj=out, mode="w") as tout:
+            n = 0
+            for m in tin.getmembers():
+                payload = tin.extractfile(m).read()
+                if m.name.endswith(".jpg"):
+                    n += 1
+                    if n == corrupt_jpg:
+                        payload, m.size = b"garbage", 7
+                tout.addfile(m, io.BytesIO(payload))
+        data = out.getvalue()
+    dst.write_bytes(data[:truncate] if truncate else data)
+
+
+def test_corrupt_samples_and_shards_are_skipped_counted_and_named(shards, tmp_path, caplog) -> None:
+    src = Path(expand_urls(shards)[0]).parent
+    _rewrite(src / "00000.tar", tmp_path / "a.tar", corrupt_jpg=3)
+    _rewrite(src / "00001.tar", tmp_path / "b.tar", truncate=20_000)
+    c = cfg(f"{tmp_path}/{{a,b,missing}}.tar", shuffle_buffer=0)
+    loader, position = make_train_loader(c, TOK, *NORM, rank=0, world_size=1, position=None)
+    it = iter(loader)
+    keys = []
+    for _ in range(6):
+        batch = next(it)
+        position.update(batch)
+        keys += batch["key"]
+    skipped = position.state_dict()["skipped"]
+    assert skipped["samples"] >= 1 and skipped["shards"] >= 2
+    assert "b.tar" in caplog.text and "missing.tar" in caplog.text
+    assert len(set(keys)) > 29  # the good samples of both shards keep coming
+
+
+def test_all_shards_unreadable_is_an_error(tmp_path) -> None:
+    loader, _ = make_train_loader(cfg(f"{tmp_path}/{{x,y}}.tar"), TOK, *NORM, 0, 1, None)
+    with pytest.raises(DataError, match="no readable shard"):
+        next(iter(loader))
+
+
+def test_foreign_img2dataset_shards_read_unchanged(tmp_path) -> None:
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"{shard:05d}.tar")) as w:
+            for i in range(5):
+                img = io.BytesIO()
+                Image.new("RGB", (50, 40), (10 * i, 80, 200)).save(img, format="JPEG")
+                key = f"{shard:05d}{i:04d}"
+                w.write({"__key__": key, "jpg": img.getvalue(), "txt": f"caption {key}",
+                         "json": json.dumps({"url": "http://x", "width": 50, "status": "success", "key": key})})
+        (tmp_path / f"{shard:05d}_stats.json").write_text("{}")
+        (tmp_path / f"{shard:05d}.parquet").write_bytes(b"PAR1")
+    loader, _ = make_train_loader(cfg(f"{tmp_path}/{{00000..00001}}.tar", batch_size=4, shuffle_buffer=0), TOK,
+                                  *NORM, 0, 1, None)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["key"][0] == "000000000"
+    assert batch["json"][0]["status"] == "success"
+    report = inspect_shards(f"{tmp_path}/{{00000..00001}}.tar")
+    assert report["samples"] == 10 and report["examples"][0]["caption"] == "caption 000000000"
+
+
+def test_eval_reader_is_disjoint_capped_and_deterministic(shards) -> None:
+    def keys(rank: int) -> list[str]:
+        return [k for b in eval_batches(shards, 16, 32, *NORM, TOK, "txt", rank, 2, 100) for k in b["key"]]
+
+    a, b = keys(0), keys(1)
+    assert len(a) == len(b) == 50 and not set(a) & set(b)
+    assert a == keys(0)
