@@ -9,20 +9,39 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cliplab.errors import ConfigError
 
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential)", re.IGNORECASE)
 
 
+def _ordered(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < v[0] <= v[1]:
+        raise ValueError(f"needs 0 < low <= high, got {list(v)}")
+    return v
+
+
+Range = Annotated[tuple[float, float], AfterValidator(_ordered)]
+
+
 class Strict(BaseModel):
     """Base for every section: unknown keys are errors, assignment is validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ViewsConfig(Strict):
+    """Extra misaligned views per image (MCD, mcd.md "Default hyperparameters"), made in the loader workers."""
+
+    count: int = Field(0, ge=0, description="V misaligned views per image; 0 disables")
+    crop_scale: Range = (0.08, 1.0)
+    crop_ratio: Range = (0.75, 4.0 / 3.0)
+    hflip: bool = True
+    colour_jitter: float = Field(0.0, ge=0, lt=1, description="max brightness/contrast/saturation change")
 
 
 class DataConfig(Strict):
@@ -36,18 +55,12 @@ class DataConfig(Strict):
     resampled: bool = False
     samples_per_epoch: int | None = Field(None, gt=0, description="required when resampled")
     image_size: int = Field(64, gt=0)
-    crop_scale: tuple[float, float] = (0.6, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    crop_scale: Range = (0.6, 1.0)
+    crop_ratio: Range = (0.75, 4.0 / 3.0)
     hflip: bool = False
     caption_key: str = Field("txt", description="sample field that holds the caption")
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
     seed: int = 0
-
-    @field_validator("crop_scale", "crop_ratio")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1]:
-            raise ValueError(f"needs 0 < low <= high, got {list(v)}")
-        return v
 
     @model_validator(mode="after")
     def _epoch_size(self) -> DataConfig:

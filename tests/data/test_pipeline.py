@@ -155,3 +155,15 @@ def test_eval_reader_is_disjoint_capped_and_deterministic(shards) -> None:
     a, b = keys(0), keys(1)
     assert len(a) == len(b) == 50 and not set(a) & set(b)
     assert a == keys(0)
+
+
+def test_resampled_epochs_have_a_fixed_size_and_resume(shards) -> None:
+    c = cfg(shards, resampled=True, samples_per_epoch=100, shuffle_buffer=0)
+    reader = Reader(expand_urls(shards), c, 1, 2, None)
+    stream = reader.samples()
+    epochs = [next(stream)[0] for _ in range(120)]
+    assert epochs.count(0) == 50 and epochs.count(1) == 50 and epochs.count(2) == 20
+    resumed = Reader(expand_urls(shards), c, 1, 2, json.loads(json.dumps(reader.cursor()))).samples()
+    again = Reader(expand_urls(shards), c, 1, 2, None).samples()
+    ref = [next(again)[1]["__key__"] for _ in range(150)][120:]
+    assert [next(resumed)[1]["__key__"] for _ in range(30)] == ref

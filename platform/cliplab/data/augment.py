@@ -66,6 +66,23 @@ def train_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Se
     return {"image": to_tensor(crop, mean, std), "crop_box": torch.tensor(box, dtype=torch.float32), "flip": flip}
 
 
+def misaligned_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float],
+                    rng: random.Random) -> dict:
+    """An MCD view (cfg.views): wide-range crop, flip, optional colour jitter; `jitter` is its strength in [0, 1]."""
+    v = cfg.views
+    crop, box = random_resized_crop(img, cfg.image_size, v.crop_scale, v.crop_ratio, rng)
+    flip = v.hflip and rng.random() < 0.5
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    jitter = 0.0
+    if v.colour_jitter > 0:
+        factors = [rng.uniform(1 - v.colour_jitter, 1 + v.colour_jitter) for _ in range(3)]
+        crop = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(crop, factors[0]), factors[1]), factors[2])
+        jitter = sum(abs(f - 1) for f in factors) / (3 * v.colour_jitter)
+    return {"image": to_tensor(crop, mean, std), "crop_box": torch.tensor(box, dtype=torch.float32), "flip": flip,
+            "jitter": jitter}
+
+
 def eval_view(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """open_clip's eval transform: resize the shorter side, centre crop, normalise."""
     img = TF.center_crop(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC), size)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cliplab.config import DataConfig
-from cliplab.data.augment import eval_view, train_view
+from cliplab.data.augment import eval_view, misaligned_view, train_view
 from cliplab.data.shards import expand_urls, open_shard
 from cliplab.errors import DataError
 
@@ -212,9 +212,11 @@ class TrainStream(IterableDataset):
                     continue
                 img, caption, meta = decoded
                 rng = random.Random(_stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
-                rows.append((raw["__key__"], caption, meta, train_view(img, self.cfg, self.mean, self.std, rng)))
+                anchor = train_view(img, self.cfg, self.mean, self.std, rng)
+                views = [misaligned_view(img, self.cfg, self.mean, self.std, rng) for _ in range(self.cfg.views.count)]
+                rows.append((raw["__key__"], caption, meta, anchor, views))
             reader.emitted += len(rows)
-            yield {
+            batch = {
                 "image": torch.stack([r[3]["image"] for r in rows]),
                 "text": self.tokenizer([r[1] for r in rows]),
                 "crop_box": torch.stack([r[3]["crop_box"] for r in rows]),
@@ -223,6 +225,19 @@ class TrainStream(IterableDataset):
                 "json": [r[2] for r in rows],
                 "__cursor__": reader.cursor(),
             }
+            if self.cfg.views.count:
+                batch.update(_stack_views([r[4] for r in rows]))
+            yield batch
+
+
+def _stack_views(views: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """(B, V, ...) tensors of the misaligned views: images, crop boxes, flips, jitter strengths."""
+    return {
+        "views": torch.stack([torch.stack([v["image"] for v in row]) for row in views]),
+        "view_boxes": torch.stack([torch.stack([v["crop_box"] for v in row]) for row in views]),
+        "view_flip": torch.tensor([[v["flip"] for v in row] for row in views]),
+        "view_jitter": torch.tensor([[v["jitter"] for v in row] for row in views], dtype=torch.float32),
+    }
 
 
 class StreamPosition:

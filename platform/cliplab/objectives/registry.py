@@ -39,7 +39,7 @@ class ObjectiveSpec:
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
-_BUILTIN_MODULES = ("cliplab.objectives.clip",)
+_BUILTIN_MODULES = ("cliplab.objectives.clip", "cliplab.objectives.mcd")
 
 
 def register(name: str, params: type[BaseModel]) -> Callable[[Callable[[Any], Objective]], Callable[[Any], Objective]]:

@@ -1,6 +1,7 @@
 """Step checkpoints (DeepSpeed state + each rank's data position) and the final open_clip export.
 
-Every rank writes its DeepSpeed shards and its own `data_rank{r}.json` into one temp directory; Ray
+Every rank writes its DeepSpeed shards, its own `data_rank{r}.json` and `rng_rank{r}.pt` (torch random
+state, for dropout and any sampling in the model) into one temp directory; Ray
 merges the per-rank directories, and DeepSpeed's file names already carry the rank, so the merged
 checkpoint is complete. The data position makes a resumed run continue the data stream mid-epoch.
 """
@@ -27,6 +28,8 @@ def save(engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any
     tmp = Path(tempfile.mkdtemp(prefix=f"cliplab-ckpt-{step}-"))
     engine.save_checkpoint(str(tmp / DS_DIR), tag=f"step{step:08d}", client_state={"step": step})
     (tmp / f"data_rank{rank}.json").write_text(json.dumps({"step": step, "data": data_state}))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
     return tmp
 
 
@@ -38,6 +41,12 @@ def restore(engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint, rank: int
             raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_DIR}")
         data_file = Path(d) / f"data_rank{rank}.json"
         data = json.loads(data_file.read_text()) if data_file.exists() else None
+        rng_file = Path(d) / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
     step = int(client["step"])
     return step, (data["data"] if data else None)
 

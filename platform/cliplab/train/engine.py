@@ -79,6 +79,10 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(exp, world_size)
     )
+    dtype = next(engine.module.parameters()).dtype
+    for buffer in engine.module.buffers():  # DeepSpeed casts parameters only; batch-norm statistics must follow
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
     return engine
 
 

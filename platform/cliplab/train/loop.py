@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" line per report
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     torch.set_num_threads(exp.train.torch_threads or max(1, int(exp.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
     torch.manual_seed(exp.train.seed)
@@ -124,7 +127,7 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            out[key] = value.to(dtype) if value.is_floating_point() and key == "image" else value
+            out[key] = value.to(dtype) if value.is_floating_point() and key in ("image", "views") else value
         else:
             out[key] = value
     return out

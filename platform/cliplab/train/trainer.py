@@ -150,7 +150,7 @@ def summary_table(outcome: TrainOutcome) -> str:
     """A short plain-text table of the final metrics a person checks first."""
     m = outcome.metrics
     keys = [k for k in SUMMARY_KEYS if k in m]
-    keys += sorted(k for k in m if k.startswith(("zeroshot/", "retrieval/", "chance/")) and not k.endswith("_class"))
+    keys += sorted(k for k in m if k.startswith(("zeroshot/", "retrieval/", "chance/")) and not k.endswith(("/n", "/n_excluded")))
     width = max(len(k) for k in keys) if keys else 10
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
     lines += [f"{k.ljust(width)}  {m[k]:.4g}" for k in keys]

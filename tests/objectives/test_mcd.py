@@ -1,0 +1,96 @@
+"""MCD terms on hand-built tensors with known answers (mcd.md eqs. (2)-(4))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cliplab.objectives.mcd import (
+    McdObjective,
+    McdParams,
+    distill_loss,
+    log_ratio_loss,
+    misalignment,
+    soft_infonce_loss,
+)
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_misalignment_from_boxes() -> None:
+    anchor = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    views = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+    m = misalignment(views, anchor)
+    torch.testing.assert_close(m, torch.tensor([[0.0, 0.5, 0.75, 0.75]]))
+    # a view larger than a small anchor keeps all the anchor's content: crop-content 0, IoU-based > 0
+    small = torch.tensor([[0.25, 0.25, 0.75, 0.75]])
+    assert misalignment(views[:, :1], small).item() == 0
+    assert misalignment(views[:, :1], small, scale="iou").item() == pytest.approx(0.75)
+    jitter = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(misalignment(views, anchor, jitter=jitter, colour_weight=0.2),
+                               torch.tensor([[0.0, 0.7, 0.95, 0.95]]))
+
+
+def test_more_content_removed_means_larger_target_distance() -> None:
+    """The log-ratio term is minimised by distances proportional to (m + eps): its optimum orders by m."""
+    text = unit(1, 8)
+    m = torch.tensor([[0.2, 0.6]])
+    eps = 0.05
+    target = torch.tensor([0.0, 0.2, 0.6]) + eps  # anchor, view 1, view 2
+
+    def embedding_at(dist: float) -> torch.Tensor:  # a unit vector at squared distance `dist` from text
+        other = F.normalize(unit(1, 8, seed=3) - (unit(1, 8, seed=3) @ text.T) * text, dim=-1)
+        cos = 1 - dist / 2
+        return cos * text + (1 - cos**2) ** 0.5 * other
+
+    d = 0.1 * target / target[0]
+    optimal = log_ratio_loss(embedding_at(d[0]), torch.stack([embedding_at(d[1]), embedding_at(d[2])], 1), text, m, eps)
+    assert optimal.item() == pytest.approx(0.0, abs=1e-6)
+    swapped = log_ratio_loss(embedding_at(d[0]), torch.stack([embedding_at(d[2]), embedding_at(d[1])], 1), text, m,
+                             eps)
+    assert swapped.item() > 0.1
+
+
+def test_zero_misalignment_gives_the_clip_positive_target() -> None:
+    views, text = unit(4, 1, 8), unit(4, 8, seed=1)
+    scale = torch.tensor([5.0])
+    soft = soft_infonce_loss(views, text, torch.zeros(4, 1), scale)
+    hard = F.cross_entropy(scale * views[:, 0] @ text.T, torch.arange(4))
+    assert soft.item() == pytest.approx(hard.item(), rel=1e-5)
+    fully = soft_infonce_loss(views, text, torch.ones(4, 1), scale)
+    uniform = -F.log_softmax(scale * views[:, 0] @ text.T, dim=-1).mean(-1).mean()
+    assert fully.item() == pytest.approx(uniform.item(), rel=1e-5)
+
+
+def test_distillation_is_zero_for_equal_student_and_spares_the_teacher() -> None:
+    anchor = unit(3, 8).requires_grad_()
+    text = unit(5, 8, seed=2).requires_grad_()
+    scale = torch.tensor([4.0], requires_grad=True)
+    same = distill_loss(anchor, anchor[:, None, :].expand(3, 2, 8), text, scale)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    views = unit(3, 2, 8, seed=4).requires_grad_()
+    loss = distill_loss(anchor, views, text, scale)
+    assert loss.item() > 0
+    loss.backward()
+    assert anchor.grad is None, "the clean-view teacher must receive no gradient"
+    assert views.grad is not None and views.grad.abs().sum() > 0
+    assert text.grad is not None  # the caption bank is trained through the student side
+
+
+def test_objective_logs_every_term_and_refuses_missing_views() -> None:
+    params = McdParams()
+    objective = McdObjective(params)
+    b, v = 4, 2
+    feats = {"image": unit(b, 8), "text": unit(b, 8, seed=1), "views": unit(b, v, 8, seed=2)}
+    batch = {"crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b),
+             "view_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]] * b)}
+    total, terms = objective.loss(feats, torch.tensor([3.0]), batch)
+    assert set(terms) == {"loss_clip", "loss_contrast", "loss_distill", "misalignment_mean"}
+    expected = terms["loss_clip"] + terms["loss_contrast"] + terms["loss_distill"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["misalignment_mean"].item() == pytest.approx(0.375)
+    with pytest.raises(ValueError, match="data.views.count"):
+        objective.embed(torch.nn.Identity(), {"image": None, "text": None})
