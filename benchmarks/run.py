@@ -3,7 +3,8 @@
 1. Training: samples/s of the cliplab step (DeepSpeed engine + contrastive step + temperature clamp)
    next to a plain PyTorch loop (AdamW, forward, symmetric InfoNCE, backward, step) on the same model
    and the same batches.
-2. Loading: samples/s of the cliplab reader streaming shards from the S3 endpoint (embedded moto on
+2. Objectives: step time of MCD (anchor + 2 misaligned views) over the CLIP step, same backbone and batch.
+3. Loading: samples/s of the cliplab reader streaming shards from the S3 endpoint (embedded moto on
    127.0.0.1) next to the same shards on local disk.
 
     .venv/bin/python benchmarks/run.py [--steps 30] [--batch 128] [--zero 2] [--precision fp32]
@@ -26,7 +27,8 @@ from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
 from cliplab.models.factory import build_model
-from cliplab.objectives.clip import ClipObjective, contrastive_loss
+from cliplab.objectives import build_objective
+from cliplab.objectives.clip import contrastive_loss
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -44,11 +46,14 @@ def _single_process_group() -> None:
     torch.distributed.init_process_group("gloo")
 
 
-def _experiment(args: argparse.Namespace, shards: str):
+def _experiment(args: argparse.Namespace, shards: str, objective: str = "clip"):
     import yaml
 
     tree = yaml.safe_load(DEMO.read_text())
     tree["data"].update(train_shards=shards, val_shards=None, batch_size=args.batch, num_workers=args.loader_workers)
+    tree["objective"] = {"name": objective}
+    if objective == "mcd":
+        tree["data"]["views"] = {"count": 2}
     tree["eval"] = {}
     tree["deepspeed"].update(zero_stage=args.zero, precision=args.precision)
     tree["scaling"]["num_workers"] = 1
@@ -86,16 +91,33 @@ def bench_training(args: argparse.Namespace, shards: str) -> tuple[float, float]
 
     plain_rate = _rate(plain, batches, warmup=3)
 
+    return _engine_rate(exp, batches), plain_rate
+
+
+def _engine_rate(exp, batches: list[dict]) -> float:
+    """samples/s of the cliplab step (engine, objective, clamp) for this experiment's objective."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[exp.deepspeed.precision]
     torch.manual_seed(0)
     model, _ = build_model(exp.model)
     engine = build_engine(model, exp, world_size=1)
-    objective = ClipObjective()
+    objective = build_objective(exp.objective.name, exp.objective.params)
 
     def cliplab_step(batch: dict) -> None:
-        contrastive_step(engine, objective, [{**batch, "image": batch["image"].to(dtype)}])
+        cast = {k: v.to(dtype) if k in ("image", "views") else v for k, v in batch.items()}
+        contrastive_step(engine, objective, [cast])
         clamp_logit_scale(engine, exp.model.max_logit_scale)
 
-    return _rate(cliplab_step, batches, warmup=3), plain_rate
+    return _rate(cliplab_step, batches, warmup=3)
+
+
+def bench_objectives(args: argparse.Namespace, shards: str) -> tuple[float, float]:
+    """(MCD samples/s, CLIP samples/s) on the same batches (MCD's carry its views)."""
+    exp = _experiment(args, shards, "mcd")
+    loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
+    it = iter(loader)
+    keys = ("image", "text", "crop_box", "views", "view_boxes", "view_jitter")
+    batches = [{k: b[k] for k in keys} for b in (next(it) for _ in range(args.steps))]
+    return _engine_rate(exp, batches), _engine_rate(_experiment(args, shards, "clip"), batches)
 
 
 def bench_loading(args: argparse.Namespace, local: str, remote: str) -> tuple[float, float]:
@@ -132,12 +154,14 @@ def main() -> None:
 
         _single_process_group()
         ours, plain = bench_training(args, local)
+        mcd, clip = bench_objectives(args, local)
         s3_rate, local_rate = bench_loading(args, local, remote)
 
     print(f"\ncliplab benchmarks (batch {args.batch}, ZeRO-{args.zero}, {args.precision}, "
           f"{torch.get_num_threads()} threads, demo model)")
     print(f"{'measure':<34}{'cliplab':>12}{'baseline':>12}{'ratio':>8}")
     print(f"{'train samples/s (vs plain torch)':<34}{ours:>12.1f}{plain:>12.1f}{ours / plain:>8.2f}")
+    print(f"{'MCD step time / CLIP step time':<34}{1 / mcd:>12.4f}{1 / clip:>12.4f}{clip / mcd:>8.2f}")
     print(f"{'loader samples/s (S3 vs local)':<34}{s3_rate:>12.1f}{local_rate:>12.1f}{s3_rate / local_rate:>8.2f}")
 
 

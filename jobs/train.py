@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working_dir upload is not installed
 
-from cliplab.cli import main  # noqa: E402
+from cliplab.cli import main
 
 
 def run(argv: list[str] | None = None) -> int:

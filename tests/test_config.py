@@ -57,14 +57,14 @@ def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
     assert exp.data.crop_scale == (0.5, 0.9)
     with pytest.raises(ConfigError, match=r"optim\.lr"):
         load_experiment(path, ["optim.lr=-1"])
-    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
         load_experiment(path, ["optim.lr"])
 
 
 def test_secrets_never_come_from_yaml(tmp_path: Path) -> None:
     tree = base()
     tree["storage"] = {"path": "s3://b/runs", "aws_secret_access_key": "x"}
-    with pytest.raises(ConfigError, match="storage.aws_secret_access_key: secrets are never read"):
+    with pytest.raises(ConfigError, match=r"storage\.aws_secret_access_key: secrets are never read"):
         load_experiment(write(tmp_path, tree))
 
 
@@ -81,7 +81,7 @@ def test_objective_params_are_validated_by_the_objective(tmp_path: Path) -> None
 def test_cross_field_rules(tmp_path: Path) -> None:
     tree = base()
     tree["deepspeed"] = {"precision": "fp16"}
-    with pytest.raises(ConfigError, match="fp16 needs scaling.use_gpu"):
+    with pytest.raises(ConfigError, match=r"fp16 needs scaling\.use_gpu"):
         load_experiment(write(tmp_path, tree))
     tree = base()
     tree["data"]["resampled"] = True
@@ -89,7 +89,7 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_experiment(write(tmp_path, tree))
     tree = base()
     tree["model"] = {"name": "ViT-B-32", "config": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}}
-    with pytest.raises(ConfigError, match="exactly one of model.name or model.config"):
+    with pytest.raises(ConfigError, match=r"exactly one of model\.name or model\.config"):
         load_experiment(write(tmp_path, tree))
 
 

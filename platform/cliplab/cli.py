@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -34,6 +35,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cliplab.demo import run_demo
 
     run_demo(workdir=args.workdir, train_samples=args.train_samples, steps=args.steps)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cliplab.compare import compare, table
+    from cliplab.config import load_experiment
+    from cliplab.demo import embedded_synthscenes, local_overrides
+    from cliplab.runtime import check_fits, ensure_ray
+
+    overrides = list(args.overrides)
+    if args.embedded:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        overrides = local_overrides(workdir) + overrides
+    experiments = [load_experiment(c, overrides) for c in args.configs]
+    with embedded_synthscenes(experiments[0]) if args.embedded else contextlib.nullcontext():
+        ensure_ray()
+        for exp in experiments:
+            check_fits(exp)
+        parent, outcomes = compare(experiments)
+    print(table(experiments, outcomes))
+    print(f"\nparent MLflow run {parent}; each run is a child of it")
     return 0
 
 
@@ -82,6 +107,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--train-samples", type=int, default=None, help="SynthScenes training samples")
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: configs/demo.yaml)")
     d.set_defaults(func=cmd_demo)
+
+    cmp = sub.add_parser("compare", help="same-budget runs of several configs as sibling MLflow runs")
+    cmp.add_argument("configs", nargs="+", help="experiment YAMLs reading the same training shards")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override applied to every config (repeatable)")
+    cmp.add_argument("--embedded", action="store_true",
+                     help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
+    cmp.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+    cmp.set_defaults(func=cmd_compare)
 
     shards = sub.add_parser("shards", help="write or inspect WebDataset shards")
     sh = shards.add_subparsers(dest="shards", required=True)

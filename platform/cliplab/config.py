@@ -188,6 +188,8 @@ class EvalConfig(Strict):
     max_samples: int = Field(1000, gt=0, description="held-out samples embedded per evaluation")
     batch_size: int = Field(128, gt=0)
     zeroshot: list[ZeroShotTask] = Field(default_factory=list)
+    misalignment_probe: bool = Field(False, description="crop-scale vs distance probe (eval/probes.py)")
+    probe_images: int = Field(200, gt=0, description="held-out images the probe crops (6 crops each)")
 
 
 class Experiment(Strict):

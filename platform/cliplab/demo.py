@@ -1,25 +1,29 @@
-"""`cliplab demo`: the whole platform on one machine with no outside service.
+"""`cliplab demo` and `cliplab compare --embedded`: the platform on one machine with no outside service.
 
-An embedded S3 endpoint (moto) on 127.0.0.1, SynthScenes train/val shards written to it, a local Ray,
-a tiny CLIP trained by 2 Ray workers under DeepSpeed ZeRO-2 streaming the shards from S3, held-out
+An embedded S3 endpoint (moto) on 127.0.0.1, SynthScenes train/val shards written to the URLs the config
+names, a local Ray, training by 2 Ray workers under DeepSpeed streaming the shards from S3, held-out
 evaluation, and a local MLflow store. Ends with a results table and the command that opens MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from cliplab.config import load_experiment
+from cliplab.config import Experiment, load_experiment
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
 
 log = logging.getLogger("cliplab.demo")
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+TRAIN_SAMPLES = 20000
 VAL_SAMPLES = 1000
 
 
@@ -27,6 +31,34 @@ def _shard_count(url: str) -> int:
     """Number of shards a `{00000..000NN}.tar` brace range names."""
     match = re.search(r"\{(\d+)\.\.(\d+)\}", url)
     return int(match.group(2)) - int(match.group(1)) + 1 if match else 1
+
+
+def local_overrides(workdir: Path, steps: int | None = None) -> list[str]:
+    """Keep checkpoints and the MLflow store under `workdir` (the embedded S3 endpoint dies with the run)."""
+    out = [f"storage.path={workdir / 'runs'}", f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}"]
+    return out + ([f"train.steps={steps}"] if steps else [])
+
+
+@contextlib.contextmanager
+def embedded_synthscenes(exp: Experiment, train_samples: int = TRAIN_SAMPLES) -> Iterator[str]:
+    """Start the embedded S3 endpoint, write SynthScenes to the config's train/val URLs; yields the endpoint."""
+    started = time.time()
+    bucket = exp.data.train_shards.removeprefix("s3://").split("/", 1)[0]
+    with start_s3_server() as s3:
+        os.environ.update(s3_env(s3.endpoint))
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        create_bucket(s3.endpoint, bucket)
+        log.info("embedded S3 endpoint at %s, bucket %s", s3.endpoint, bucket)
+        n_train = _shard_count(exp.data.train_shards)
+        per_shard = train_samples // n_train
+        write_synthscenes(exp.data.train_shards.rsplit("/", 1)[0],
+                          SynthSpec(num_samples=per_shard * n_train, samples_per_shard=per_shard, seed=0))
+        if exp.data.val_shards:
+            n_val = _shard_count(exp.data.val_shards)
+            write_synthscenes(exp.data.val_shards.rsplit("/", 1)[0],
+                              SynthSpec(num_samples=VAL_SAMPLES, samples_per_shard=VAL_SAMPLES // n_val, seed=10_000))
+        log.info("SynthScenes written in %.0fs", time.time() - started)
+        yield s3.endpoint
 
 
 def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, steps: int | None = None) -> None:
@@ -37,28 +69,9 @@ def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, st
     started = time.time()
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    overrides = [f"storage.path={root / 'runs'}", f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"]
-    if steps:
-        overrides.append(f"train.steps={steps}")
-    exp = load_experiment(DEMO_CONFIG, overrides)
-    bucket = exp.data.train_shards.removeprefix("s3://").split("/", 1)[0]
-    n_train_shards = _shard_count(exp.data.train_shards)
-    per_shard = (train_samples or 20000) // n_train_shards
-
-    with start_s3_server() as s3:
-        os.environ.update(s3_env(s3.endpoint))
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        create_bucket(s3.endpoint, bucket)
-        log.info("embedded S3 endpoint at %s, bucket %s", s3.endpoint, bucket)
-        prefix = exp.data.train_shards.rsplit("/", 1)[0]
-        train_spec = SynthSpec(num_samples=per_shard * n_train_shards, samples_per_shard=per_shard, seed=0)
-        write_synthscenes(prefix, train_spec)
-        val_prefix = exp.data.val_shards.rsplit("/", 1)[0]
-        n_val = _shard_count(exp.data.val_shards)
-        write_synthscenes(val_prefix, SynthSpec(num_samples=VAL_SAMPLES, samples_per_shard=VAL_SAMPLES // n_val,
-                                                seed=10_000))
-        log.info("SynthScenes written in %.0fs; training %s for %d steps", time.time() - started, exp.name,
-                 exp.train.steps)
+    exp = load_experiment(DEMO_CONFIG, local_overrides(root, steps))
+    with embedded_synthscenes(exp, train_samples or TRAIN_SAMPLES):
+        log.info("training %s for %d steps", exp.name, exp.train.steps)
         ensure_ray()
         check_fits(exp)
         outcome = run_training(exp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from cliplab.data.shards import expand_urls
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.errors import DataError
+from tarfaults import cut_inside_member, with_garbage_jpg
 
 TOK = build_tokenizer(ModelConfig(config={"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"context_length": 16}}))
 NORM = ((0.5,) * 3, (0.5,) * 3)
@@ -87,27 +87,10 @@ def test_resume_refuses_a_different_reader_count(shards) -> None:
         next(iter(other))
 
 
-def _rewrite(src: Path, dst: Path, corrupt_jpg: int | None = None, truncate: int | None = None) -> None:
-    data = src.read_bytes()
-    if corrupt_jpg is not None:
-        out = io.BytesIO()
-        with tarfile.open(fileobj=io.BytesIO(data)) as tin, tarfile.open(fileobj=out, mode="w") as tout:
-            n = 0
-            for m in tin.getmembers():
-                payload = tin.extractfile(m).read()
-                if m.name.endswith(".jpg"):
-                    n += 1
-                    if n == corrupt_jpg:
-                        payload, m.size = b"garbage", 7
-                tout.addfile(m, io.BytesIO(payload))
-        data = out.getvalue()
-    dst.write_bytes(data[:truncate] if truncate else data)
-
-
 def test_corrupt_samples_and_shards_are_skipped_counted_and_named(shards, tmp_path, caplog) -> None:
     src = Path(expand_urls(shards)[0]).parent
-    _rewrite(src / "00000.tar", tmp_path / "a.tar", corrupt_jpg=3)
-    _rewrite(src / "00001.tar", tmp_path / "b.tar", truncate=20_000)
+    (tmp_path / "a.tar").write_bytes(with_garbage_jpg((src / "00000.tar").read_bytes(), nth=3))
+    (tmp_path / "b.tar").write_bytes(cut_inside_member((src / "00001.tar").read_bytes()))
     c = cfg(f"{tmp_path}/{{a,b,missing}}.tar", shuffle_buffer=0)
     loader, position = make_train_loader(c, TOK, *NORM, rank=0, world_size=1, position=None)
     it = iter(loader)
@@ -167,3 +150,17 @@ def test_resampled_epochs_have_a_fixed_size_and_resume(shards) -> None:
     again = Reader(expand_urls(shards), c, 1, 2, None).samples()
     ref = [next(again)[1]["__key__"] for _ in range(150)][120:]
     assert [next(resumed)[1]["__key__"] for _ in range(30)] == ref
+
+
+def test_misaligned_views_come_from_the_loader_with_their_geometry(shards) -> None:
+    from cliplab.config import ViewsConfig
+
+    c = cfg(shards, views=ViewsConfig(count=3, crop_scale=(0.1, 0.5), colour_jitter=0.3))
+    batch = next(iter(make_train_loader(c, TOK, *NORM, 0, 1, None)[0]))
+    assert batch["views"].shape == (8, 3, 3, 32, 32)
+    assert batch["view_boxes"].shape == (8, 3, 4) and batch["view_flip"].shape == (8, 3)
+    boxes = batch["view_boxes"]
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    assert ((areas > 0.05) & (areas < 0.55)).all()
+    assert (batch["view_jitter"] >= 0).all() and (batch["view_jitter"] <= 1).all()
+    assert not torch.equal(batch["views"][:, 0], batch["views"][:, 1])

@@ -92,5 +92,5 @@ def test_objective_logs_every_term_and_refuses_missing_views() -> None:
     expected = terms["loss_clip"] + terms["loss_contrast"] + terms["loss_distill"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert terms["misalignment_mean"].item() == pytest.approx(0.375)
-    with pytest.raises(ValueError, match="data.views.count"):
+    with pytest.raises(ValueError, match=r"data\.views\.count"):
         objective.embed(torch.nn.Identity(), {"image": None, "text": None})

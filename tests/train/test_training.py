@@ -3,11 +3,9 @@ checkpointing to S3, tracked in a real MLflow store; resume-from-crash equivalen
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import fsspec
@@ -19,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from cliplab.config import validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.train.trainer import run_training
+from tarfaults import cut_inside_member, with_garbage_jpg
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +84,7 @@ def test_train_tracks_checkpoints_and_exports(ray_local, synth_bucket, tmp_path,
     local = tmp_path / "export"
     fs.get(f"{outcome.storage}/export/", str(local), recursive=True)
     open_clip.add_model_config(str(local / "cliplab-e2e.json"))
-    model, _, preprocess = open_clip.create_model_and_transforms("cliplab-e2e", pretrained=str(local / "open_clip_model.pt"))
+    model, _, _ = open_clip.create_model_and_transforms("cliplab-e2e", pretrained=str(local / "open_clip_model.pt"))
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
 
 
@@ -110,30 +109,12 @@ def test_crash_resumes_mid_epoch_with_same_trajectory(ray_local, synth_bucket, t
         assert b[step][-1] == pytest.approx(a[step][-1], rel=1e-4), f"step {step}"
 
 
-def _corrupt_copy(src: str, dst: str) -> None:
-    """Copy a shard with its second sample's jpg replaced by garbage."""
-    fs = fsspec.filesystem("s3")
-    data = fs.cat_file(src)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(data)) as tin, tarfile.open(fileobj=out, mode="w") as tout:
-        jpgs = 0
-        for member in tin.getmembers():
-            payload = tin.extractfile(member).read()
-            if member.name.endswith(".jpg"):
-                jpgs += 1
-                if jpgs == 2:
-                    payload = b"not a jpeg"
-                    member.size = len(payload)
-            tout.addfile(member, io.BytesIO(payload))
-    fs.pipe_file(dst, out.getvalue())
-
-
 def test_corrupt_sample_and_shard_are_skipped_and_counted(ray_local, synth_bucket, tmp_path, mlflow_uri):
     fs = fsspec.filesystem("s3")
     base = f"s3://{synth_bucket}/train"
     bad = f"s3://{synth_bucket}/bad-{tmp_path.name}"
-    _corrupt_copy(f"{base}/00000.tar", f"{bad}/00000.tar")
-    fs.pipe_file(f"{bad}/00001.tar", fs.cat_file(f"{base}/00001.tar")[:5000])  # truncated mid-sample
+    fs.pipe_file(f"{bad}/00000.tar", with_garbage_jpg(fs.cat_file(f"{base}/00000.tar")))
+    fs.pipe_file(f"{bad}/00001.tar", cut_inside_member(fs.cat_file(f"{base}/00001.tar")))
     for i in (2, 3):
         fs.copy(f"{base}/0000{i}.tar", f"{bad}/0000{i}.tar")
     exp = experiment(tmp_path, mlflow_uri, data={"train_shards": f"{bad}/{{00000..00003}}.tar"},

@@ -59,7 +59,7 @@ def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
         yield from group_by_keys(files, handler=record)
 
 
-def _stable_seed(*parts: Any) -> int:
+def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha1("|".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
@@ -84,7 +84,7 @@ class Reader:
     def __init__(self, urls: list[str], cfg: DataConfig, g: int, num_readers: int, cursor: dict | None):
         self.urls, self.cfg, self.g, self.G = urls, cfg, g, num_readers
         self.quota = cfg.samples_per_epoch // num_readers if cfg.resampled and cfg.samples_per_epoch else None
-        self.rng = random.Random(_stable_seed(cfg.seed, "shuffle", g))
+        self.rng = random.Random(stable_seed(cfg.seed, "shuffle", g))
         self.read: Pos = (0, 0, 0, 0)
         self.buffer: list[tuple[Pos, dict]] = []
         self.skipped = {"samples": 0, "shards": 0}
@@ -96,11 +96,11 @@ class Reader:
     def order(self, epoch: int, index: int) -> str | None:
         """The shard at `index` of this reader's order in `epoch` (None past the end of the epoch)."""
         if self.quota is not None:
-            rng = random.Random(_stable_seed(self.cfg.seed, "resample", epoch, self.g))
+            rng = random.Random(stable_seed(self.cfg.seed, "resample", epoch, self.g))
             picks = [rng.randrange(len(self.urls)) for _ in range(index + 1)]
             return self.urls[picks[-1]]
         perm = list(self.urls)
-        random.Random(_stable_seed(self.cfg.seed, "epoch", epoch)).shuffle(perm)
+        random.Random(stable_seed(self.cfg.seed, "epoch", epoch)).shuffle(perm)
         mine = perm[self.g :: self.G]
         return mine[index] if index < len(mine) else None
 
@@ -211,7 +211,7 @@ class TrainStream(IterableDataset):
                                 raw.get("__key__"), raw.get("__url__"))
                     continue
                 img, caption, meta = decoded
-                rng = random.Random(_stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
+                rng = random.Random(stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
                 anchor = train_view(img, self.cfg, self.mean, self.std, rng)
                 views = [misaligned_view(img, self.cfg, self.mean, self.std, rng) for _ in range(self.cfg.views.count)]
                 rows.append((raw["__key__"], caption, meta, anchor, views))

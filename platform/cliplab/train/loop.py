@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from cliplab.config import Experiment
 from cliplab.data.pipeline import StreamPosition, eval_batches, make_train_loader
 from cliplab.data.tokenize import build_tokenizer
+from cliplab.eval.probes import calibration_plot, misalignment_probe
 from cliplab.eval.runner import evaluate
 from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective
@@ -102,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % exp.train.log_every == 0 or last:
             metrics = _step_metrics(engine, loss, terms, scale, meter, position, flops, peak, world)
         if exp.data.val_shards and exp.eval.every_steps and (step % exp.eval.every_steps == 0 or last):
-            metrics.update(_evaluate(engine, exp, tokenizer, pre, device, dtype, rank, world))
+            metrics.update(_evaluate(engine, exp, tokenizer, pre, device, dtype, rank, world, tracker, step))
         if metrics and tracker:
             tracker.metrics(metrics, step)
             log.info(_progress_line(step, exp.train.steps, metrics))
@@ -168,16 +170,28 @@ def _step_metrics(
 
 def _evaluate(
     engine: Any, exp: Experiment, tokenizer: Any, pre: Preprocess, device: torch.device, dtype: torch.dtype,
-    rank: int, world: int,
+    rank: int, world: int, tracker: RunLogger | None, step: int,
 ) -> dict[str, float]:
-    """Held-out zero-shot and retrieval metrics, embedded by every rank over its share of the val shards."""
+    """Held-out zero-shot, retrieval and (optionally) misalignment-probe metrics; every rank embeds its share."""
     engine.eval()
+    encoders = ForwardEncoders(engine, dtype)
     batches = eval_batches(
         exp.data.val_shards, exp.eval.batch_size, pre.image_size, pre.mean, pre.std, tokenizer,
         exp.data.caption_key, rank, world, exp.eval.max_samples,
     )
     try:
-        return evaluate(ForwardEncoders(engine, dtype), tokenizer, batches, exp.eval.zeroshot, device)
+        metrics = evaluate(encoders, tokenizer, batches, exp.eval.zeroshot, device)
+        if exp.eval.misalignment_probe:
+            probe = misalignment_probe(encoders, tokenizer, exp.data.val_shards, pre.image_size, pre.mean, pre.std,
+                                       exp.data.caption_key, rank, world, exp.eval.probe_images, device)
+            points = probe.pop("points")
+            metrics.update(probe)
+            if tracker:
+                with tempfile.TemporaryDirectory() as tmp:
+                    png = calibration_plot(points, Path(tmp) / f"misalignment_step{step:08d}.png",
+                                           f"{exp.name} ({exp.objective.name}) step {step}")
+                    tracker.artifact(png, "plots")
+        return metrics
     finally:
         engine.train()
 
@@ -188,7 +202,7 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
                      ("data_wait_frac", "{:.0%}")):
         if key in m:
             parts.append(f"{key} " + fmt.format(m[key]))
-    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.endswith(("/top1", "_R1"))]
+    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.endswith(("/top1", "_R1")) or k.startswith("probe/spearman")]
     return " | ".join(parts)
 
 

@@ -85,6 +85,9 @@ def build_trainer(exp: Experiment, run_name: str, loop_config: dict[str, Any], s
     s = exp.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # DeepSpeed JIT-builds its ops into TORCH_EXTENSIONS_DIR; Ray workers and the driver build them with
+    # different flags, so sharing one cache makes each side rebuild (~40 s) after the other ran.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / "cliplab-ray-workers"))
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(
@@ -136,7 +139,8 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
 def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
     """Driver-side artifacts: resolved config, loss and eval curves from the run's history."""
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
-    curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or k.endswith(("/top1", "_R1"))]
+    curves = [k for k in metrics
+              if k == "loss" or k.startswith(("loss_", "probe/spearman")) or k.endswith(("/top1", "_R1"))]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(dump_yaml(exp))
@@ -150,7 +154,8 @@ def summary_table(outcome: TrainOutcome) -> str:
     """A short plain-text table of the final metrics a person checks first."""
     m = outcome.metrics
     keys = [k for k in SUMMARY_KEYS if k in m]
-    keys += sorted(k for k in m if k.startswith(("zeroshot/", "retrieval/", "chance/")) and not k.endswith(("/n", "/n_excluded")))
+    keys += sorted(k for k in m if k.startswith(("zeroshot/", "retrieval/", "chance/", "probe/"))
+                   and not k.endswith(("/n", "/n_excluded")))
     width = max(len(k) for k in keys) if keys else 10
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
     lines += [f"{k.ljust(width)}  {m[k]:.4g}" for k in keys]

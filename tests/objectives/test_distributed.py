@@ -1,7 +1,7 @@
-"""The CLIP loss and its gradients on W Ray workers equal the single-process loss on the global batch.
+"""Objective losses and gradients on W Ray workers equal the single-process loss on the global batch.
 
-Runs a real 2-worker TorchTrainer (gloo). Also checks contrastive accumulation through a real DeepSpeed
-engine: 2 micro-batches per worker give the same update as the whole global batch at once.
+Runs a real 2-worker TorchTrainer (gloo) for CLIP and MCD. Also checks contrastive accumulation through a
+real DeepSpeed engine: 2 micro-batches per worker give the same update as the whole global batch at once.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import ray.cloudpickle
 import torch
 import torch.nn.functional as F
 
-from cliplab.objectives.clip import ClipObjective, contrastive_loss
+from cliplab.objectives import build_objective
+from cliplab.objectives.clip import ClipObjective
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-N, D_IN, D = 8, 6, 4
+N, D_IN, D, V = 8, 6, 4, 2
 
 
 class Towers(torch.nn.Module):
@@ -31,23 +32,28 @@ class Towers(torch.nn.Module):
         self.txt = torch.nn.Linear(D_IN, D)
         self.logit_scale = torch.nn.Parameter(torch.tensor([2.0]))
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict:
         return {
-            "image_features": F.normalize(self.img(image), dim=-1),
-            "text_features": F.normalize(self.txt(text), dim=-1),
+            "image_features": F.normalize(self.img(image), dim=-1) if image is not None else None,
+            "text_features": F.normalize(self.txt(text), dim=-1) if text is not None else None,
             "logit_scale": self.logit_scale.exp(),
         }
 
 
 def global_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"image": torch.randn(N, D_IN, generator=g), "text": torch.randn(N, D_IN, generator=g)}
+    lo = torch.rand(N, V, 2, generator=g) * 0.5
+    return {"image": torch.randn(N, D_IN, generator=g), "text": torch.randn(N, D_IN, generator=g),
+            "views": torch.randn(N, V, D_IN, generator=g), "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * N),
+            "view_boxes": torch.cat([lo, lo + 0.5], dim=-1)}
 
 
-def reference_grads() -> tuple[float, dict[str, torch.Tensor]]:
+def reference_grads(objective: str = "clip") -> tuple[float, dict[str, torch.Tensor]]:
     model = Towers()
-    out = model(**global_batch())
-    loss, _, _ = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
+    obj = build_objective(objective, {})
+    batch = global_batch()
+    feats, scale = obj.embed(model, batch)
+    loss, _ = obj.loss(feats, scale, batch)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -64,9 +70,10 @@ def loss_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = Towers()
-    objective = ClipObjective()
-    feats, scale = objective.embed(model, _local(rank, world))
-    loss, _ = objective.loss(feats, scale, {})
+    objective = build_objective(cfg["objective"], {})
+    batch = _local(rank, world)
+    feats, scale = objective.embed(model, batch)
+    loss, _ = objective.loss(feats, scale, batch)
     loss.backward()
     for p in model.parameters():  # data-parallel average, as DDP/DeepSpeed do
         dist.all_reduce(p.grad)
@@ -120,9 +127,10 @@ def _fit(loop, cfg: dict, tmp_path: Path, workers: int = 2) -> None:
 
 
 @pytest.mark.slow
-def test_loss_and_grads_match_single_process(ray_local, tmp_path: Path) -> None:
-    ref_loss, ref_grads = reference_grads()
-    _fit(loss_worker, {"out": str(tmp_path)}, tmp_path)
+@pytest.mark.parametrize("objective", ["clip", "mcd"])
+def test_loss_and_grads_match_single_process(ray_local, tmp_path: Path, objective: str) -> None:
+    ref_loss, ref_grads = reference_grads(objective)
+    _fit(loss_worker, {"out": str(tmp_path), "objective": objective}, tmp_path)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)
@@ -140,7 +148,9 @@ def test_contrastive_accumulation_keeps_global_negatives(ray_local, tmp_path: Pa
         torch.testing.assert_close(delta[name].reshape(grad.shape), grad, rtol=1e-4, atol=1e-6)
 
 
-def test_single_process_loss_is_symmetric_infonce() -> None:
+def test_single_process_clip_loss_is_symmetric_infonce() -> None:
+    from cliplab.objectives.clip import contrastive_loss
+
     img = F.normalize(torch.randn(5, 3), dim=-1)
     scale = torch.tensor([3.0])
     total, i2t, t2i = contrastive_loss(img, img, scale)
