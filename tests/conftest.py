@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
-from fixtures_ray import mlflow_uri, ray_local  # noqa: F401  (fixtures)
+from fixtures_services import mlflow_uri, process_group, ray_local  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -213,6 +213,9 @@ class Experiment(Strict):
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: true; use bf16 or fp32 on CPU")
         if self.eval.zeroshot and not self.data.val_shards:
             raise ValueError("eval.zeroshot needs data.val_shards")
+        if self.objective.params.get("distill_teacher") == "ema" and self.deepspeed.zero_stage == 3:
+            raise ValueError("objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
+                             "full copy on every rank)")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -94,3 +94,47 @@ def test_objective_logs_every_term_and_refuses_missing_views() -> None:
     assert terms["misalignment_mean"].item() == pytest.approx(0.375)
     with pytest.raises(ValueError, match=r"data\.views\.count"):
         objective.embed(torch.nn.Identity(), {"image": None, "text": None})
+
+
+def test_ema_teacher_follows_the_student_slowly(process_group) -> None:
+    """`distill_teacher: ema` on a real DeepSpeed engine: teacher = decay-weighted average of the weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from cliplab.config import validate_tree
+    from cliplab.models.factory import build_model
+    from cliplab.objectives import build_objective
+    from cliplab.train.engine import build_engine, contrastive_step
+
+    tiny = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    exp = validate_tree({"name": "ema", "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4},
+                         "model": {"config": tiny}, "objective": {"name": "mcd", "distill_teacher": "ema",
+                                                                  "ema_decay": 0.5},
+                         "optim": {"lr": 0.05, "warmup_steps": 0}, "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+                         "train": {"steps": 5}, "scaling": {"num_workers": 1}})
+    model, _ = build_model(exp.model)
+    engine = build_engine(model, exp, world_size=1)
+    objective = build_objective("mcd", exp.objective.params)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 3, 16, 16, generator=g), "text": torch.randint(1, 400, (4, 8), generator=g),
+             "views": torch.randn(4, 2, 3, 16, 16, generator=g), "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4),
+             "view_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 1.0, 1.0]]] * 4)}
+    weight = engine.module.visual.conv1.weight
+    w0 = safe_get_full_fp32_param(weight).clone()
+    contrastive_step(engine, objective, [batch])
+    w1 = safe_get_full_fp32_param(weight).clone()
+    assert not torch.equal(w0, w1)
+    torch.testing.assert_close(objective.teacher.state["conv1.weight"], 0.5 * w0 + 0.5 * w1)
+    feats, _ = objective.embed(engine, batch)
+    assert not torch.allclose(feats["teacher"], F.normalize(feats["image"].float(), dim=-1), atol=1e-4)
+
+
+def test_ema_teacher_is_refused_at_zero3() -> None:
+    from cliplab.config import validate_tree
+    from cliplab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distill_teacher: ema needs deepspeed\.zero_stage"):
+        validate_tree({"name": "x", "data": {"train_shards": "x/{0..1}.tar"}, "model": {"name": "ViT-B-32"},
+                       "objective": {"name": "mcd", "distill_teacher": "ema"}, "deepspeed": {"zero_stage": 3},
+                       "train": {"steps": 1}})

@@ -50,6 +50,9 @@ class ClipObjective:
         total, i2t, t2i = contrastive_loss(feats["image"], feats["text"], logit_scale)
         return total, {"loss_i2t": i2t.detach(), "loss_t2i": t2i.detach()}
 
+    def after_step(self, engine: Any) -> None:
+        """CLIP keeps no state between steps."""
+
 
 @register("clip", ClipParams)
 def build_clip(params: ClipParams) -> ClipObjective:

@@ -30,6 +30,10 @@ class Objective(Protocol):
         """Loss over the local batch, gathering across workers as the objective requires."""
         ...
 
+    def after_step(self, engine: Any) -> None:
+        """Called on every rank after each optimizer step (e.g. to move an EMA teacher)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ObjectiveSpec:

@@ -111,6 +111,7 @@ def contrastive_step(
         loss, terms = objective.loss(feats, scale, micro_batches[0])
         engine.backward(loss)
         engine.step()
+        objective.after_step(engine)
         return loss.detach(), terms
 
     with torch.no_grad():
@@ -125,6 +126,7 @@ def contrastive_step(
         loss, terms = objective.loss(feats, scale, merged_batch)
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
+    objective.after_step(engine)
     return loss.detach(), terms
 
 

@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" line per report
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed.*deprecated", category=FutureWarning)
     torch.set_num_threads(exp.train.torch_threads or max(1, int(exp.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
     torch.manual_seed(exp.train.seed)

@@ -1,11 +1,13 @@
-"""Fixtures for the real local services the slow tests need: one Ray instance per test process, MLflow stores."""
+"""Fixtures for the real local services: one Ray instance per test process, MLflow stores, a gloo group."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +27,16 @@ def ray_local(s3_server):
 def mlflow_uri(tmp_path: Path) -> str:
     """A fresh sqlite MLflow store (artifacts beside it) for one test."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A single-process gloo group in the test process, for DeepSpeed engines built without Ray."""
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+        torch.distributed.init_process_group("gloo")
+    yield
