@@ -61,15 +61,19 @@ def experiment(tmp_path: Path, mlflow_uri: str, **sections):
     return validate_tree(tree, "test")
 
 
-@pytest.mark.parametrize(("zero", "precision"), [(1, "fp32"), (2, "bf16"), (3, "fp32")])
-def test_train_tracks_checkpoints_and_exports(ray_local, synth_bucket, tmp_path, mlflow_uri, zero, precision):
-    exp = experiment(tmp_path, mlflow_uri, deepspeed={"zero_stage": zero, "precision": precision})
-    outcome = run_training(exp)
+@pytest.mark.parametrize(("zero", "precision", "objective"), [(1, "fp32", "clip"), (2, "bf16", "mcd"),
+                                                              (3, "fp32", "clip")])
+def test_train_tracks_checkpoints_and_exports(ray_local, synth_bucket, tmp_path, mlflow_uri, zero, precision,
+                                              objective):
+    sections = {"deepspeed": {"zero_stage": zero, "precision": precision}, "objective": {"name": objective}}
+    if objective == "mcd":
+        sections |= {"data": {"views": {"count": 2}}, "eval": {"misalignment_probe": True, "probe_images": 16}}
+    outcome = run_training(experiment(tmp_path, mlflow_uri, **sections))
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["objective"] == "clip" and run.data.tags["model"] == "inline"
+    assert run.data.tags["objective"] == objective and run.data.tags["model"] == "inline"
     assert run.data.params["deepspeed.zero_stage"] == str(zero)
     for key in ("loss", "loss_i2t", "lr", "logit_scale", "samples_per_s", "data_wait_frac", "tflops_per_s",
                 "data/skipped_samples", "zeroshot/colour/top1", "retrieval/i2t_R1"):
@@ -78,6 +82,10 @@ def test_train_tracks_checkpoints_and_exports(ray_local, synth_bucket, tmp_path,
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("plots", "model") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config.yaml", "plots/loss_curve.png", "model/open_clip_model.pt", "model/cliplab-e2e.json"} <= artifacts
+    if objective == "mcd":
+        for key in ("loss_clip", "loss_contrast", "loss_distill", "probe/spearman_scale", "probe/spearman_content"):
+            assert key in run.data.metrics, key
+        assert "plots/misalignment_step00000006.png" in artifacts
 
     fs = fsspec.filesystem("s3")
     assert fs.ls(f"{outcome.storage.removeprefix('s3://')}/export")
