@@ -53,6 +53,12 @@ class ClipObjective:
     def after_step(self, engine: Any) -> None:
         """CLIP keeps no state between steps."""
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
 
 @register("clip", ClipParams)
 def build_clip(params: ClipParams) -> ClipObjective:

@@ -16,7 +16,7 @@ listed alternatives behind switches:
   p^v = softmax(s z^v U^T), U the global caption bank (with gradient). `distill_teacher: ema` takes z^0
   from an exponential moving average of the image tower instead (the spec's ablation only: it contradicts
   the paper's "no external model" positioning); it needs ZeRO stage <= 2, where every rank holds the
-  full tower.
+  full tower, and it is saved with every checkpoint.
 - (5) L = L_clip + lambda_c L_ratio + lambda_d L_distill, lambda_c = lambda_d = 1.
 
 Gathered across workers: anchor image and caption embeddings (with gradient). Views stay local.
@@ -165,6 +165,13 @@ class McdObjective:
         """Move the EMA teacher towards the updated weights (collective through the fp32 gathers)."""
         if self.teacher is not None:
             self.teacher.update(engine)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.teacher.state} if self.teacher is not None and self.teacher.state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.teacher is not None and "ema" in state:
+            self.teacher.state = state["ema"]
 
     def loss(self, feats: dict[str, torch.Tensor], logit_scale: torch.Tensor,
              batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -34,6 +34,14 @@ class Objective(Protocol):
         """Called on every rank after each optimizer step (e.g. to move an EMA teacher)."""
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """State the objective keeps between steps, saved with every checkpoint ({} for stateless ones)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        ...
+
 
 @dataclass(frozen=True)
 class ObjectiveSpec:

@@ -1,7 +1,8 @@
 """Step checkpoints (DeepSpeed state + each rank's data position) and the final open_clip export.
 
-Every rank writes its DeepSpeed shards, its own `data_rank{r}.json` and `rng_rank{r}.pt` (torch random
-state, for dropout and any sampling in the model) into one temp directory; Ray
+Every rank writes its DeepSpeed shards, its own `data_rank{r}.json`, `rng_rank{r}.pt` (torch random
+state, for dropout and any sampling in the model) and, for stateful objectives (an EMA teacher),
+`objective_rank{r}.pt` into one temp directory; Ray
 merges the per-rank directories, and DeepSpeed's file names already carry the rank, so the merged
 checkpoint is complete. The data position makes a resumed run continue the data stream mid-epoch.
 """
@@ -23,18 +24,22 @@ from cliplab.config import Experiment
 DS_DIR = "ds"
 
 
-def save(engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any], rank: int) -> Path:
+def save(engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any], rank: int,
+         objective_state: dict[str, Any]) -> Path:
     """Write this rank's part of the step checkpoint into a fresh temp dir (collective)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"cliplab-ckpt-{step}-"))
     engine.save_checkpoint(str(tmp / DS_DIR), tag=f"step{step:08d}", client_state={"step": step})
     (tmp / f"data_rank{rank}.json").write_text(json.dumps({"step": step, "data": data_state}))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if objective_state:
+        torch.save(objective_state, tmp / f"objective_rank{rank}.pt")
     return tmp
 
 
-def restore(engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint, rank: int) -> tuple[int, dict | None]:
-    """Load engine, optimizer and schedule state; return (completed steps, this rank's data position)."""
+def restore(engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint,
+            rank: int) -> tuple[int, dict | None, dict[str, Any]]:
+    """Load engine, optimizer, schedule and RNG state; return (completed steps, data position, objective state)."""
     with checkpoint.as_directory() as d:
         _, client = engine.load_checkpoint(str(Path(d) / DS_DIR))
         if client is None:
@@ -47,8 +52,10 @@ def restore(engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint, rank: int
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        objective_file = Path(d) / f"objective_rank{rank}.pt"
+        objective_state = torch.load(objective_file) if objective_file.exists() else {}
     step = int(client["step"])
-    return step, (data["data"] if data else None)
+    return step, (data["data"] if data else None), objective_state
 
 
 def discard(path: Path) -> None:

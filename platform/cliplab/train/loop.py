@@ -73,7 +73,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, data_state = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        step, data_state = checkpoint.restore(engine, ckpt, rank)
+        step, data_state, objective_state = checkpoint.restore(engine, ckpt, rank)
+        objective.load_state_dict(objective_state)
         log.info("resumed from checkpoint at step %d", step)
     loader, position = make_train_loader(exp.data, tokenizer, pre.mean, pre.std, rank, world, data_state)
     batches = iter(loader)
@@ -109,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker.metrics(metrics, step)
             log.info(_progress_line(step, exp.train.steps, metrics))
         if step % exp.train.checkpoint_every == 0 or last:
-            tmp = checkpoint.save(engine, step, position.state_dict(), rank)
+            tmp = checkpoint.save(engine, step, position.state_dict(), rank, objective.state_dict())
             ray.train.report(
                 {"step": step, **metrics},
                 checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
