@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -57,8 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp = Experiment.model_validate(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" line per report
+    _log_to_stdout(rank)
     warnings.filterwarnings("ignore", message=r".*torch\.distributed.*deprecated", category=FutureWarning)
     torch.set_num_threads(exp.train.torch_threads or max(1, int(exp.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
@@ -123,6 +123,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = full_state_dict(engine)
     if tracker:
         _export(state, exp, tracker, config["export_dir"])
+
+
+def _log_to_stdout(rank: int) -> None:
+    """cliplab's progress lines at INFO on stdout; the root logger stays quiet (Ray logs every report at INFO)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    root = logging.getLogger("cliplab")
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
