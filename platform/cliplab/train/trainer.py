@@ -29,10 +29,11 @@ from cliplab.train.loop import train_loop_per_worker
 
 log = logging.getLogger("cliplab.trainer")
 
+# Endpoints and settings only: a runtime env is shown in Ray's dashboard and job API, so credentials
+# reach workers through their own environment (inherited by a local Ray, a Kubernetes Secret on KubeRay).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "TORCH_EXTENSIONS_DIR",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL",
+    "TORCH_EXTENSIONS_DIR",
 )
 RUN_FILE = "cliplab_run.json"
 SUMMARY_KEYS = ("loss", "samples_per_s", "data_wait_frac", "data/skipped_samples", "logit_scale")
