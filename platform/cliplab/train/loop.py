@@ -7,6 +7,7 @@ collective (loss average, evaluation, temperature clamp, export) is called by ev
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -126,13 +127,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _log_to_stdout(rank: int) -> None:
-    """cliplab's progress lines at INFO on stdout; the root logger stays quiet (Ray logs every report at INFO)."""
+    """cliplab's progress lines at INFO on stdout, without Ray Train's line per `report` call.
+
+    Ray 2.60 logs every report (all metrics) at INFO through a logger named after its source file,
+    outside the `ray.train` hierarchy that `RunConfig.logging_config` controls.
+    """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
     root = logging.getLogger("cliplab")
     root.handlers = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
