@@ -1,10 +1,7 @@
 """Image augmentations that record their geometry, so objectives can reason about what a view shows.
 
-Crop boxes are (x0, y0, x1, y1) normalised to the source image, always in the coordinates of the
-unflipped source. A view is made as crop -> resize -> (mirror if `flip`), so a flip never changes the
-box: the region shown is the same, only mirrored. To reproduce a view: resize the box region of the
-source to size x size, then mirror it when `flip` is true. (A box in the mirrored image's coordinates
-would be (1 - x1, y0, 1 - x0, y1).) All randomness comes from the `random.Random` passed in.
+Crop boxes are (x0, y0, x1, y1) normalised to the source image, always in the source's coordinates:
+a horizontal flip is recorded as a separate flag and does not change the box.
 """
 
 from __future__ import annotations
@@ -56,13 +53,12 @@ def random_resized_crop(img: Image.Image, size: int, scale: Sequence[float], rat
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """A (3, H, W) float tensor normalised with the model's mean and std."""
     return TF.normalize(TF.to_tensor(img), mean, std)
 
 
 def train_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float],
                rng: random.Random) -> dict:
-    """The anchor view: a data.crop_scale/crop_ratio crop (`image`), its `crop_box` and `flip` (p=0.5 if hflip)."""
+    """One augmented view: normalised tensor, its crop box and whether it was mirrored."""
     crop, box = random_resized_crop(img, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, rng)
     flip = cfg.hflip and rng.random() < 0.5
     if flip:
@@ -88,15 +84,6 @@ def misaligned_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], st
 
 
 def eval_view(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """open_clip's eval transform (resize_mode "shortest"): resize the shorter side, centre crop, normalise."""
+    """open_clip's eval transform: resize the shorter side, centre crop, normalise."""
     img = TF.center_crop(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC), size)
     return to_tensor(img, mean, std)
-
-
-def eval_box(width: int, height: int, size: int) -> Box:
-    """The source region `eval_view` shows, normalised like a crop box (torchvision's resize and crop rounding)."""
-    short, long = sorted((width, height))
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
-    return left / new_w, top / new_h, (left + size) / new_w, (top + size) / new_h
