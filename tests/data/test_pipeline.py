@@ -105,10 +105,21 @@ def test_corrupt_samples_and_shards_are_skipped_counted_and_named(shards, tmp_pa
     assert len(set(keys)) > 29  # the good samples of both shards keep coming
 
 
-def test_all_shards_unreadable_is_an_error(tmp_path) -> None:
-    loader, _ = make_train_loader(cfg(f"{tmp_path}/{{x,y}}.tar"), TOK, *NORM, 0, 1, None)
-    with pytest.raises(DataError, match="no readable shard"):
+@pytest.mark.parametrize("resampled", [False, True])
+def test_all_shards_unreadable_is_an_error(tmp_path, resampled) -> None:
+    c = cfg(f"{tmp_path}/{{x,y}}.tar", resampled=resampled, samples_per_epoch=64 if resampled else None)
+    loader, _ = make_train_loader(c, TOK, *NORM, 0, 1, None)
+    with pytest.raises(DataError, match="none of the 2 shards is readable"):
         next(iter(loader))
+
+
+def test_a_reader_whose_epoch_is_all_bad_keeps_going(shards, tmp_path) -> None:
+    """Reader 1 of 2 gets only the missing shard in some epochs; the good shard of other epochs still comes."""
+    good = expand_urls(shards)[0]
+    urls = [good, f"{tmp_path}/missing.tar"]
+    stream = Reader(urls, cfg(shards, shuffle_buffer=0), 1, 2, None).samples()
+    keys = [next(stream)[1]["__key__"] for _ in range(100)]
+    assert len(set(keys)) == 30
 
 
 def test_foreign_img2dataset_shards_read_unchanged(tmp_path) -> None:

@@ -105,10 +105,16 @@ class Reader:
         return mine[index] if index < len(mine) else None
 
     def raw(self, start: Pos) -> Iterator[tuple[Pos, dict]]:
-        """Raw samples with their positions from `start` on, forever, skipping failed shards."""
+        """Raw samples with their positions from `start` on, forever, skipping failed shards.
+
+        Raises DataError once every distinct shard has failed or been empty in a row since the last
+        readable one: a reader whose few shards of one epoch are bad keeps going, and a resampled
+        reader over only bad shards stops instead of drawing forever.
+        """
         epoch, shard, sample, in_epoch = start
+        distinct = set(self.urls)
+        dead: set[str] = set()
         while True:
-            good = 0
             while (url := self.order(epoch, shard)) is not None:
                 errors: list[str] = []
                 j = -1
@@ -123,13 +129,16 @@ class Reader:
                     if (epoch, shard) >= tuple(self.read[:2]):  # not already counted before a resume
                         self.skipped["shards"] += 1
                     log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, "; ".join(errors))
-                good += j >= 0
+                if j >= 0:  # the shard gave samples (a cut shard's first part counts)
+                    dead.clear()
+                else:
+                    dead.add(url)
+                    if dead >= distinct:
+                        raise DataError(f"reader {self.g}: none of the {len(distinct)} shards is readable "
+                                        f"(first: {self.urls[0]}); check the URLs and credentials")
                 if self.quota is not None and in_epoch >= self.quota:
                     break
                 shard, sample = shard + 1, 0
-            if not good:
-                raise DataError(f"reader {self.g}: no readable shard in epoch {epoch} of {len(self.urls)} "
-                                f"(first: {self.urls[0]}); check the URLs and credentials")
             epoch, shard, sample, in_epoch = epoch + 1, 0, 0, 0
 
     def samples(self) -> Iterator[tuple[int, dict]]:
@@ -264,6 +273,11 @@ class StreamPosition:
         return {"readers": dict(self.readers), "batches": self.batches, "rotation": rotation, "skipped": skipped}
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """Batches are made in the worker; skip DataLoader's default conversion, which walks every cursor entry."""
+    return batch
+
+
 def make_train_loader(cfg: DataConfig, tokenizer: Tokenizer, mean: Sequence[float], std: Sequence[float], rank: int,
                       world_size: int, position: dict | None) -> tuple[DataLoader, StreamPosition]:
     """The DataLoader (batches built in its workers) and the position tracker to checkpoint."""
@@ -274,7 +288,7 @@ def make_train_loader(cfg: DataConfig, tokenizer: Tokenizer, mean: Sequence[floa
                         f"workers; need at least {world_size * slots} shards, or set data.resampled")
     start = {"readers": position["readers"], "rotation": position["rotation"]} if position else None
     stream = TrainStream(cfg, urls, tokenizer, mean, std, rank, world_size, start)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=_as_is,
                         multiprocessing_context="fork" if cfg.num_workers else None,
                         prefetch_factor=2 if cfg.num_workers else None)
     return loader, StreamPosition(slots, start)
