@@ -192,8 +192,8 @@ def _evaluate(
     rank: int, world: int, tracker: RunLogger | None, step: int,
 ) -> dict[str, float]:
     """Held-out zero-shot, retrieval and (optionally) misalignment-probe metrics; every rank embeds its share."""
+    encoders = _eval_model(engine, exp, dtype, device)
     engine.eval()
-    encoders = ForwardEncoders(engine, dtype)
     batches = eval_batches(
         exp.data.val_shards, exp.eval.batch_size, pre.image_size, pre.mean, pre.std, tokenizer,
         exp.data.caption_key, rank, world, exp.eval.max_samples,
@@ -213,6 +213,19 @@ def _evaluate(
         return metrics
     finally:
         engine.train()
+
+
+def _eval_model(engine: Any, exp: Experiment, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """What evaluation encodes with: the engine itself, or at ZeRO-3 a full local copy of the model.
+
+    ZeRO-3 forwards gather parameters across ranks, so every rank would have to encode the same number of
+    batches; ranks' shares of the held-out shards differ, so they evaluate a gathered copy instead.
+    """
+    if engine.zero_optimization_stage() != 3:
+        return ForwardEncoders(engine, dtype)
+    model, _ = build_model(exp.model)
+    model.load_state_dict(full_state_dict(engine))
+    return model.to(device).eval()
 
 
 def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
