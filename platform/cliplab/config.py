@@ -44,6 +44,25 @@ class ViewsConfig(Strict):
     colour_jitter: float = Field(0.0, ge=0, lt=1, description="max brightness/contrast/saturation change")
 
 
+class CaptionsConfig(Strict):
+    """Several captions per image (holistic.md "Inputs and outputs"): an ordered list of caption slots.
+
+    Slot c is read from the sample's json `field`: a dict by the slot's name, a list by the slot's position.
+    A slot named `txt` is the sample's plain caption (`data.caption_key`). A missing or empty caption falls
+    back to the plain caption and is matched freely to a branch (holistic.md "Losses" 5).
+    """
+
+    field: str = Field("captions", description="json field holding the captions (dict by slot name, or list)")
+    slots: list[str] = Field(min_length=1, description="caption slots in branch order, e.g. [txt, colour, shape]")
+
+    @field_validator("slots")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"slot names must be unique, got {v}")
+        return v
+
+
 class DataConfig(Strict):
     """Where the shards are and how they become batches."""
 
@@ -59,6 +78,8 @@ class DataConfig(Strict):
     crop_ratio: Range = (0.75, 4.0 / 3.0)
     hflip: bool = False
     caption_key: str = Field("txt", description="sample field that holds the caption")
+    captions: CaptionsConfig | None = Field(None, description="multi-caption slots (holistic objective, "
+                                            "per-perspective retrieval)")
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     seed: int = 0
 
@@ -69,6 +90,15 @@ class DataConfig(Strict):
         return self
 
 
+class BranchesConfig(Strict):
+    """A multi-branch image tower (holistic.md "Multi-branch image encoders") on an open_clip ViT."""
+
+    design: Literal["cls", "mlp"] = Field(description="cls: M class tokens (Psi_CLS); mlp: M parallel MLP "
+                                          "output projections in the last blocks (Psi_MLP)")
+    count: int = Field(ge=2, description="M image embeddings per image (one embedding: leave branches unset)")
+    mlp_blocks: int = Field(3, ge=1, description="mlp design: how many final blocks get M c_proj branches")
+
+
 class ModelConfig(Strict):
     """An open_clip model by registered name, or an inline open_clip model config for small runs."""
 
@@ -77,6 +107,7 @@ class ModelConfig(Strict):
     pretrained: str | None = Field(None, description="local open_clip checkpoint to initialise from")
     init_logit_scale: float = Field(2.6592, description="log(1/0.07), open_clip's default")
     max_logit_scale: float = Field(100.0, gt=1.0, description="temperature bound: exp(logit_scale) <= this")
+    branches: BranchesConfig | None = Field(None, description="multi-branch image tower; none = one embedding")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -216,7 +247,18 @@ class Experiment(Strict):
         if self.objective.params.get("distill_teacher") == "ema" and self.deepspeed.zero_stage == 3:
             raise ValueError("objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
                              "full copy on every rank)")
+        if self.objective.name == "holistic":
+            self._check_holistic()
         return self
+
+    def _check_holistic(self) -> None:
+        if self.data.captions is None:
+            raise ValueError("objective holistic needs data.captions (the caption slots, one per branch)")
+        branches = self.model.branches.count if self.model.branches else 1
+        slots = len(self.data.captions.slots)
+        if branches > slots and self.objective.params.get("assignment", "fixed") == "fixed":
+            raise ValueError(f"model.branches.count {branches} > {slots} data.captions.slots: branches without "
+                             "a caption slot never train under objective.assignment fixed; add slots or use free")
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of the whole config (MLflow params, sweep spaces)."""

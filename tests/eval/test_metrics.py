@@ -91,3 +91,16 @@ def test_every_worker_gets_the_same_global_arrays() -> None:
     mp.spawn(_gather_worker, args=(3, port, out), nprocs=3, join=True)
     expected = ([float(i) for i in range(7)], [f"k{i:02d}" for i in range(7)], list(range(7)))
     assert out[0] == out[1] == out[2] == expected
+
+
+def test_slot_retrieval_reports_each_slot_and_each_branch() -> None:
+    from cliplab.eval.runner import slot_retrieval
+
+    g = torch.Generator().manual_seed(0)
+    texts = torch.nn.functional.normalize(torch.randn(20, 2, 16, generator=g), dim=-1)
+    image = texts.clone()  # branch m is exactly slot m's caption
+    out = slot_retrieval(image, texts, ["colour", "shape"])
+    assert out["branch0/colour/i2t_R1"] == 1.0 and out["branch1/shape/t2i_R1"] == 1.0
+    assert out["branch0/shape/i2t_R1"] < 0.5 and out["branch1/colour/i2t_R1"] < 0.5
+    assert out["retrieval/colour/i2t_R1"] > out["branch1/colour/i2t_R1"]  # fused over branches
+    assert not any(k.startswith("branch") for k in slot_retrieval(image[:, 0], texts, ["colour", "shape"]))

@@ -146,3 +146,31 @@ def test_invalid_config_is_refused_before_any_worker(tmp_path):
     assert str(bad) in proc.stderr
     assert "data.batch_size" in proc.stderr and "train.lr: unknown key" in proc.stderr
     assert "Ray" not in proc.stderr and "ray" not in proc.stdout
+
+
+@pytest.mark.parametrize(("design", "zero", "precision"), [("mlp", 3, "fp32"), ("cls", 2, "bf16")])
+def test_holistic_multi_branch_model_trains(ray_local, synth_bucket, tmp_path, mlflow_uri, design, zero, precision):
+    slots = ["colour", "shape", "count"]
+    exp = experiment(
+        tmp_path, mlflow_uri, objective={"name": "holistic", "diversity": True},
+        model={"branches": {"design": design, "count": 3, "mlp_blocks": 1}},
+        data={"captions": {"slots": slots}}, deepspeed={"zero_stage": zero, "precision": precision},
+        eval={"max_samples": 63, "batch_size": 31},
+    )
+    outcome = run_training(exp)
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.branches.design"] == design
+    for key in ("loss", "loss_branch0", "loss_branch2", "loss_div", "zeroshot/colour/top1", "retrieval/i2t_R1",
+                "retrieval/colour/i2t_R1", "retrieval/count/t2i_R1", "branch0/colour/i2t_R1", "branch2/count/t2i_R1"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["own_caption_frac"] == 1.0
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/branch_retrieval_step00000006.png" in plots
+
+    from cliplab.models.factory import load_exported
+
+    model, pre, cfg = load_exported(f"{outcome.storage}/export")
+    assert cfg.branches.count == 3 and pre.image_size == 32
+    assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32)

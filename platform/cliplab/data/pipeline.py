@@ -31,8 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from cliplab.config import DataConfig
+from cliplab.config import CaptionsConfig, DataConfig
 from cliplab.data.augment import eval_view, misaligned_view, train_view
+from cliplab.data.captions import caption_slots, tokenize_slots
 from cliplab.data.shards import expand_urls, open_shard
 from cliplab.errors import DataError
 
@@ -234,6 +235,9 @@ class TrainStream(IterableDataset):
                 "json": [r[2] for r in rows],
                 "__cursor__": reader.cursor(),
             }
+            if self.cfg.captions is not None:
+                batch.update(tokenize_slots([caption_slots(r[1], r[2], self.cfg.captions) for r in rows],
+                                            self.tokenizer))
             if self.cfg.views.count:
                 batch.update(_stack_views([r[4] for r in rows]))
             yield batch
@@ -296,9 +300,10 @@ def make_train_loader(cfg: DataConfig, tokenizer: Tokenizer, mean: Sequence[floa
 
 def eval_batches(spec: str, batch_size: int, image_size: int, mean: Sequence[float], std: Sequence[float],
                  tokenizer: Tokenizer, caption_key: str, rank: int, world_size: int,
-                 max_samples: int) -> Iterator[dict[str, Any]]:
+                 max_samples: int, captions: CaptionsConfig | None = None) -> Iterator[dict[str, Any]]:
     """Held-out batches without augmentation, in shard order; rank r reads shards[r::W] and keeps at most its
-    share of max_samples (max_samples // W, the first max_samples % W ranks one more): disjoint, deterministic."""
+    share of max_samples (max_samples // W, the first max_samples % W ranks one more): disjoint, deterministic.
+    With `captions`, batches also carry every caption slot (`texts`, `caption_own`)."""
     urls = expand_urls(spec)[rank::world_size]
     cap = max_samples // world_size + (rank < max_samples % world_size)
     rows: list[tuple[str, str, dict, torch.Tensor]] = []
@@ -315,17 +320,21 @@ def eval_batches(spec: str, batch_size: int, image_size: int, mean: Sequence[flo
             rows.append((raw["__key__"], caption, meta, eval_view(img, image_size, mean, std)))
             taken += 1
             if len(rows) == batch_size:
-                yield _eval_batch(rows, tokenizer)
+                yield _eval_batch(rows, tokenizer, captions)
                 rows = []
         if errors:
             log.warning("eval: %s", "; ".join(errors))
     if rows:
-        yield _eval_batch(rows, tokenizer)
+        yield _eval_batch(rows, tokenizer, captions)
 
 
-def _eval_batch(rows: list[tuple[str, str, dict, torch.Tensor]], tokenizer: Tokenizer) -> dict[str, Any]:
-    return {"image": torch.stack([r[3] for r in rows]), "text": tokenizer([r[1] for r in rows]),
-            "key": [r[0] for r in rows], "json": [r[2] for r in rows]}
+def _eval_batch(rows: list[tuple[str, str, dict, torch.Tensor]], tokenizer: Tokenizer,
+                captions: CaptionsConfig | None) -> dict[str, Any]:
+    batch = {"image": torch.stack([r[3] for r in rows]), "text": tokenizer([r[1] for r in rows]),
+             "key": [r[0] for r in rows], "json": [r[2] for r in rows]}
+    if captions is not None:
+        batch.update(tokenize_slots([caption_slots(r[1], r[2], captions) for r in rows], tokenizer))
+    return batch
 
 
 def inspect_shards(spec: str, n_show: int = 1) -> dict[str, Any]:

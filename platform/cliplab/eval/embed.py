@@ -16,17 +16,23 @@ log = logging.getLogger("cliplab.eval")
 def embed_batches(model: Any, batches: Iterable[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """Image features (N, D) or (N, M, D), text features (N, D), keys and json of all workers, sorted by key.
 
-    Collective under torch.distributed: every worker calls it, also one whose share is empty.
+    Batches with caption slots (`texts`, (B, C, L)) also give `texts`, (N, C, D). Collective under
+    torch.distributed: every worker calls it, also one whose share is empty.
     """
-    images, texts, keys, metas = [], [], [], []
+    images, texts, slots, keys, metas = [], [], [], [], []
     for batch in batches:
         images.append(model.encode_image(batch["image"].to(device), normalize=True).float().cpu())
         texts.append(model.encode_text(batch["text"].to(device), normalize=True).float().cpu())
+        if "texts" in batch:
+            tokens = batch["texts"]
+            flat = model.encode_text(tokens.flatten(0, 1).to(device), normalize=True).float().cpu()
+            slots.append(flat.unflatten(0, tokens.shape[:2]))
         keys += batch["key"]
         metas += batch["json"]
     local = {
         "image": torch.cat(images) if images else None,
         "text": torch.cat(texts) if texts else None,
+        "texts": torch.cat(slots) if slots else None,
         "key": keys,
         "json": metas,
     }
@@ -41,6 +47,7 @@ def embed_batches(model: Any, batches: Iterable[dict[str, Any]], device: torch.d
     out = {
         "image": torch.cat([p["image"] for p in parts])[order],
         "text": torch.cat([p["text"] for p in parts])[order],
+        "texts": torch.cat([p["texts"] for p in parts])[order] if parts[0]["texts"] is not None else None,
         "key": [_flat(parts, "key")[i] for i in order],
         "json": [_flat(parts, "json")[i] for i in order],
     }

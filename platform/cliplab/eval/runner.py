@@ -14,8 +14,13 @@ from cliplab.eval.zeroshot import class_embeddings, lookup, zeroshot_accuracy
 
 
 def evaluate(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], batches: Iterable[dict[str, Any]],
-             tasks: list[ZeroShotTask], device: torch.device, branch: int | None = None) -> dict[str, float]:
-    """`zeroshot/<task>/top1`, `chance/<task>`, `retrieval/i2t_R1`, ..., `eval/n_samples` (collective)."""
+             tasks: list[ZeroShotTask], device: torch.device, branch: int | None = None,
+             slots: list[str] | None = None) -> dict[str, float]:
+    """`zeroshot/<task>/top1`, `chance/<task>`, `retrieval/i2t_R1`, ..., `eval/n_samples` (collective).
+
+    With caption `slots` (batches carry `texts`): retrieval per slot, `retrieval/<slot>/i2t_R1` ..., and for
+    multi-branch models each branch's R@1 on each slot, `branch<m>/<slot>/i2t_R1` and `t2i_R1`.
+    """
     data = embed_batches(model, batches, device)
     out: dict[str, float] = {"eval/n_samples": float(len(data["key"]))}
     for task in tasks:
@@ -25,4 +30,20 @@ def evaluate(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], batches
             out[f"zeroshot/{task.name}/{name}"] = value
         out[f"chance/{task.name}"] = 1.0 / len(task.classnames)
     out.update({f"retrieval/{k}": v for k, v in retrieval_metrics(data["image"], data["text"], branch).items()})
+    if slots and data["texts"] is not None:
+        out.update(slot_retrieval(data["image"], data["texts"], slots, branch))
+    return out
+
+
+def slot_retrieval(image: torch.Tensor, texts: torch.Tensor, slots: list[str],
+                   branch: int | None = None) -> dict[str, float]:
+    """Retrieval against each caption slot (fused over branches), and each branch's R@1 on each slot."""
+    out: dict[str, float] = {}
+    for c, slot in enumerate(slots):
+        metrics = retrieval_metrics(image, texts[:, c], branch)
+        out.update({f"retrieval/{slot}/{k}": v for k, v in metrics.items() if "_R" in k})
+        if image.ndim == 3:
+            for m in range(image.shape[1]):
+                per_branch = retrieval_metrics(image, texts[:, c], m)
+                out.update({f"branch{m}/{slot}/{k}": per_branch[k] for k in ("i2t_R1", "t2i_R1")})
     return out

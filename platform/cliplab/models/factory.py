@@ -3,6 +3,10 @@
 The logit scale is created with shape [1] (`nonscalar_logit_scale=True`): deepspeed 0.19.8 refuses 0-dim
 parameters at ZeRO 0-2, and open_clip's `load_checkpoint` converts between [1] and [] on load, so
 exported checkpoints still load into plain open_clip models.
+
+With `model.branches` the image tower becomes multi-branch (models/branches.py); a plain open_clip
+checkpoint still loads into its shared parts, and the branch parameters start from their pretrained
+counterparts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from open_clip.transform import PreprocessCfg
 
 from cliplab.config import ModelConfig
 from cliplab.errors import ConfigError
+from cliplab.models.branches import install_branches, is_branch_param
+
+CHECKPOINT_FILE = "open_clip_model.pt"  # what an export holds: open_clip's checkpoint ...
+MODEL_FILE = "cliplab_model.json"  # ... and the model section that rebuilds its architecture
 
 
 @dataclass(frozen=True)
@@ -38,11 +46,10 @@ def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Preprocess]:
             model = open_clip.model.CLIP(**cfg.config, output_dict=True, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"model.config: not a valid open_clip CLIP config ({exc})") from None
+    if cfg.branches is not None:
+        install_branches(model, cfg.branches)
     if cfg.pretrained:
-        try:
-            open_clip.load_checkpoint(model, cfg.pretrained)
-        except FileNotFoundError:
-            raise ConfigError(f"model.pretrained: no checkpoint at {cfg.pretrained}") from None
+        _load_pretrained(model, cfg)
     pre = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
     size = pre["size"]
     return model, Preprocess(
@@ -50,3 +57,41 @@ def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Preprocess]:
         mean=tuple(pre["mean"]),
         std=tuple(pre["std"]),
     )
+
+
+def _load_pretrained(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Load a checkpoint; only a multi-branch model may lack keys, and only its branch parameters."""
+    try:
+        result = open_clip.load_checkpoint(model, cfg.pretrained, strict=cfg.branches is None)
+    except FileNotFoundError:
+        raise ConfigError(f"model.pretrained: no checkpoint at {cfg.pretrained}") from None
+    except RuntimeError as exc:
+        raise ConfigError(f"model.pretrained: {cfg.pretrained} does not fit model {cfg.name or 'config'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if cfg.branches is None:
+        return
+    missing = [k for k in result.missing_keys if not is_branch_param(k)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"model.pretrained: {cfg.pretrained} does not fit the model: missing {missing[:5]}, "
+                          f"unexpected {list(result.unexpected_keys)[:5]}")
+    if result.missing_keys:  # a plain checkpoint: branches start from the shared weights
+        model.visual.init_from_shared()
+
+
+def load_exported(export_dir: str) -> tuple[torch.nn.Module, Preprocess, ModelConfig]:
+    """Rebuild a model exported by a cliplab run (local folder or any fsspec URL such as s3://)."""
+    import tempfile
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(export_dir)
+    model_file, checkpoint_file = f"{root.rstrip('/')}/{MODEL_FILE}", f"{root.rstrip('/')}/{CHECKPOINT_FILE}"
+    for path in (model_file, checkpoint_file):
+        if not fs.exists(path):
+            raise ConfigError(f"{export_dir}: not a cliplab export ({path.rsplit('/', 1)[1]} is missing)")
+    cfg = ModelConfig.model_validate_json(fs.cat_file(model_file))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = f"{tmp}/{CHECKPOINT_FILE}"
+        fs.get_file(checkpoint_file, local)
+        model, pre = build_model(cfg.model_copy(update={"pretrained": local}))
+    return model, pre, cfg

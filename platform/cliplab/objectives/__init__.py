@@ -1,4 +1,4 @@
-"""Training objectives behind a registry: `clip` now; MCD and holistic register next to it."""
+"""Training objectives behind a registry: `clip`, `mcd` and `holistic` (see registry.py)."""
 
 from cliplab.objectives.registry import Objective, build_objective, register, validate_params
 

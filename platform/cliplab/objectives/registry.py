@@ -51,7 +51,7 @@ class ObjectiveSpec:
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
-_BUILTIN_MODULES = ("cliplab.objectives.clip", "cliplab.objectives.mcd")
+_BUILTIN_MODULES = ("cliplab.objectives.clip", "cliplab.objectives.mcd", "cliplab.objectives.holistic")
 
 
 def register(name: str, params: type[BaseModel]) -> Callable[[Callable[[Any], Objective]], Callable[[Any], Objective]]:

@@ -20,6 +20,7 @@ import torch
 from ray.train import Checkpoint
 
 from cliplab.config import Experiment
+from cliplab.models.factory import CHECKPOINT_FILE, MODEL_FILE
 
 DS_DIR = "ds"
 
@@ -66,11 +67,14 @@ def export_open_clip(state: dict[str, torch.Tensor], exp: Experiment, out_dir: P
     """Save an open_clip checkpoint (and, for inline models, the model config open_clip needs to build it).
 
     Load it back with `open_clip.create_model_and_transforms(NAME, pretrained=PATH)`, after
-    `open_clip.add_model_config(CONFIG_JSON)` for inline configs (NAME is the JSON's file stem).
+    `open_clip.add_model_config(CONFIG_JSON)` for inline configs (NAME is the JSON's file stem); a
+    multi-branch model loads with `cliplab.models.factory.load_exported(DIR)`, which reads the
+    `cliplab_model.json` (the experiment's model section) written next to the checkpoint.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"checkpoint": out_dir / "open_clip_model.pt"}
+    files = {"checkpoint": out_dir / CHECKPOINT_FILE, "model": out_dir / MODEL_FILE}
     torch.save({"state_dict": state, "cliplab_experiment": exp.name}, files["checkpoint"])
+    files["model"].write_text(exp.model.model_copy(update={"pretrained": None}).model_dump_json(indent=2))
     if exp.model.config is not None:
         files["config"] = out_dir / f"{export_model_name(exp)}.json"
         files["config"].write_text(json.dumps(exp.model.config, indent=2))

@@ -29,6 +29,7 @@ from cliplab.eval.runner import evaluate
 from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective
 from cliplab.tracking.mlflow import RunLogger
+from cliplab.tracking.plots import branch_slot_heatmap, is_headline
 from cliplab.train import checkpoint
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict
 from cliplab.train.throughput import Meter, device_peak_flops, training_flops_per_sample
@@ -93,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position.update(batch)
             micro.append(_to_device(batch, device, dtype))
         if not counted:
-            flops, counted = training_flops_per_sample(engine.module, micro[0]), True
+            flops, counted = training_flops_per_sample(engine.module, objective, micro[0]), True
         loss, terms = contrastive_step(engine, objective, micro)
         scale = clamp_logit_scale(engine, exp.model.max_logit_scale)
         step += 1
@@ -194,12 +195,20 @@ def _evaluate(
     """Held-out zero-shot, retrieval and (optionally) misalignment-probe metrics; every rank embeds its share."""
     encoders = _eval_model(engine, exp, dtype, device)
     engine.eval()
+    captions = exp.data.captions
     batches = eval_batches(
         exp.data.val_shards, exp.eval.batch_size, pre.image_size, pre.mean, pre.std, tokenizer,
-        exp.data.caption_key, rank, world, exp.eval.max_samples,
+        exp.data.caption_key, rank, world, exp.eval.max_samples, captions,
     )
     try:
-        metrics = evaluate(encoders, tokenizer, batches, exp.eval.zeroshot, device)
+        metrics = evaluate(encoders, tokenizer, batches, exp.eval.zeroshot, device,
+                           slots=captions.slots if captions else None)
+        if tracker and exp.model.branches and captions:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = branch_slot_heatmap(metrics, captions.slots, exp.model.branches.count,
+                                          Path(tmp) / f"branch_retrieval_step{step:08d}.png",
+                                          f"{exp.name} step {step}: per-branch R@1 by caption slot")
+                tracker.artifact(png, "plots")
         if exp.eval.misalignment_probe:
             probe = misalignment_probe(encoders, tokenizer, exp.data.val_shards, pre.image_size, pre.mean, pre.std,
                                        exp.data.caption_key, rank, world, exp.eval.probe_images, device)
@@ -234,7 +243,7 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
                      ("data_wait_frac", "{:.0%}")):
         if key in m:
             parts.append(f"{key} " + fmt.format(m[key]))
-    parts += [f"{k} {v:.3f}" for k, v in m.items() if k.endswith(("/top1", "_R1")) or k.startswith("probe/spearman")]
+    parts += [f"{k} {v:.3f}" for k, v in m.items() if is_headline(k)]
     return " | ".join(parts)
 
 

@@ -33,15 +33,16 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def training_flops_per_sample(model: torch.nn.Module, batch: dict[str, Any]) -> float | None:
+def training_flops_per_sample(model: torch.nn.Module, objective: Any, batch: dict[str, Any]) -> float | None:
     """FLOPs of forward + backward per sample, counted once on a real micro-batch (backward ~ 2x forward).
 
+    The forward is the objective's own (`embed`): extra views or caption slots count.
     Counted in eval mode so that batch-norm statistics are not touched; None where the counter fails.
     """
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(image=batch["image"], text=batch["text"])
+            objective.embed(model, batch)
     except RuntimeError as exc:
         log.warning("FLOP counting failed (%s); tflops_per_s and mfu are not reported", exc)
         return None

@@ -24,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cliplab.config import Experiment, dump_yaml
 from cliplab.errors import CliplabError
 from cliplab.tracking.mlflow import RunLogger, create_run, resolve_tracking_uri
-from cliplab.tracking.plots import loss_curves
+from cliplab.tracking.plots import is_headline, loss_curves
 from cliplab.train.loop import train_loop_per_worker
 
 log = logging.getLogger("cliplab.trainer")
@@ -140,8 +140,7 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
 def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
     """Driver-side artifacts: resolved config, loss and eval curves from the run's history."""
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
-    curves = [k for k in metrics
-              if k == "loss" or k.startswith(("loss_", "probe/spearman")) or k.endswith(("/top1", "_R1"))]
+    curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or is_headline(k)]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(dump_yaml(exp))
@@ -151,12 +150,18 @@ def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
     tracker.finish("FINISHED")
 
 
+def _in_summary(metric: str) -> bool:
+    """Held-out metrics for the summary: all top-level ones, only R@1 per caption slot, no per-branch ones."""
+    if metric.startswith("retrieval/"):
+        return metric.count("/") == 1 or metric.endswith("_R1")
+    return metric.startswith(("zeroshot/", "chance/", "probe/")) and not metric.endswith(("/n", "/n_excluded"))
+
+
 def summary_table(outcome: TrainOutcome) -> str:
     """A short plain-text table of the final metrics a person checks first."""
     m = outcome.metrics
     keys = [k for k in SUMMARY_KEYS if k in m]
-    keys += sorted(k for k in m if k.startswith(("zeroshot/", "retrieval/", "chance/", "probe/"))
-                   and not k.endswith(("/n", "/n_excluded")))
+    keys += sorted(k for k in m if _in_summary(k))
     width = max(len(k) for k in keys) if keys else 10
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
     lines += [f"{k.ljust(width)}  {m[k]:.4g}" for k in keys]
