@@ -3,7 +3,9 @@
 1. Training: samples/s of the cliplab step (DeepSpeed engine + contrastive step + temperature clamp)
    next to a plain PyTorch loop (AdamW, forward, symmetric InfoNCE, backward, step) on the same model
    and the same batches.
-2. Objectives: step time of MCD (anchor + 2 misaligned views) over the CLIP step, same backbone and batch.
+2. Objectives: step time of MCD (anchor + 2 misaligned views) over the CLIP step, same backbone and batch;
+   step time of holistic CLIP (5 caption slots; multi-CLS and parallel-MLP towers) over the CLIP step on
+   the tiny ViT of configs/clip_vit_demo.yaml, same batches.
 3. Loading: samples/s of the cliplab reader streaming shards from the S3 endpoint (embedded moto on
    127.0.0.1) next to the same shards on local disk.
 
@@ -31,7 +33,10 @@ from cliplab.objectives import build_objective
 from cliplab.objectives.clip import contrastive_loss
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO = CONFIGS / "demo.yaml"
+HOLISTIC = {"CLIP": CONFIGS / "clip_vit_demo.yaml", "holistic Psi_CLS": CONFIGS / "holistic_cls_demo.yaml",
+            "holistic Psi_MLP": CONFIGS / "holistic_mlp_demo.yaml"}
 
 
 def _free_port() -> int:
@@ -46,18 +51,20 @@ def _single_process_group() -> None:
     torch.distributed.init_process_group("gloo")
 
 
-def _experiment(args: argparse.Namespace, shards: str, objective: str = "clip"):
+def _experiment(args: argparse.Namespace, shards: str, objective: str | None = "clip", config: Path = DEMO):
+    """The config's experiment on these shards, one worker, the benchmark's batch and engine settings."""
     import yaml
 
-    tree = yaml.safe_load(DEMO.read_text())
+    tree = yaml.safe_load(config.read_text())
     tree["data"].update(train_shards=shards, val_shards=None, batch_size=args.batch, num_workers=args.loader_workers)
-    tree["objective"] = {"name": objective}
+    if objective is not None:
+        tree["objective"] = {"name": objective}
     if objective == "mcd":
         tree["data"]["views"] = {"count": 2}
     tree["eval"] = {}
     tree["deepspeed"].update(zero_stage=args.zero, precision=args.precision)
     tree["scaling"]["num_workers"] = 1
-    return validate_tree(tree, str(DEMO))
+    return validate_tree(tree, str(config))
 
 
 def _rate(fn, batches: list[dict], warmup: int) -> float:
@@ -120,6 +127,17 @@ def bench_objectives(args: argparse.Namespace, shards: str) -> tuple[float, floa
     return _engine_rate(exp, batches), _engine_rate(_experiment(args, shards, "clip"), batches)
 
 
+def bench_holistic(args: argparse.Namespace, shards: str) -> dict[str, float]:
+    """samples/s of each HOLISTIC config's step on the same batches (which carry all caption slots)."""
+    exps = {name: _experiment(args, shards, None, path) for name, path in HOLISTIC.items()}
+    first = next(iter(exps.values()))
+    loader, _ = make_train_loader(first.data, build_tokenizer(first.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
+    it = iter(loader)
+    keys = ("image", "text", "texts", "caption_own")
+    batches = [{k: b[k] for k in keys} for b in (next(it) for _ in range(args.steps))]
+    return {name: _engine_rate(exp, batches) for name, exp in exps.items()}
+
+
 def bench_loading(args: argparse.Namespace, local: str, remote: str) -> tuple[float, float]:
     rates = []
     for shards in (remote, local):
@@ -155,6 +173,7 @@ def main() -> None:
         _single_process_group()
         ours, plain = bench_training(args, local)
         mcd, clip = bench_objectives(args, local)
+        holistic = bench_holistic(args, local)
         s3_rate, local_rate = bench_loading(args, local, remote)
 
     print(f"\ncliplab benchmarks (batch {args.batch}, ZeRO-{args.zero}, {args.precision}, "
@@ -162,6 +181,9 @@ def main() -> None:
     print(f"{'measure':<34}{'cliplab':>12}{'baseline':>12}{'ratio':>8}")
     print(f"{'train samples/s (vs plain torch)':<34}{ours:>12.1f}{plain:>12.1f}{ours / plain:>8.2f}")
     print(f"{'MCD step time / CLIP step time':<34}{1 / mcd:>12.4f}{1 / clip:>12.4f}{clip / mcd:>8.2f}")
+    vit_clip = holistic.pop("CLIP")
+    for name, rate in holistic.items():
+        print(f"{name + ' / CLIP step, ViT':<34}{1 / rate:>12.4f}{1 / vit_clip:>12.4f}{vit_clip / rate:>8.2f}")
     print(f"{'loader samples/s (S3 vs local)':<34}{s3_rate:>12.1f}{local_rate:>12.1f}{s3_rate / local_rate:>8.2f}")
 
 
