@@ -49,8 +49,15 @@ def compare(experiments: list[Experiment]) -> tuple[str, list[TrainOutcome]]:
     return parent.info.run_id, outcomes
 
 
+def headline_keys(outcomes: list[TrainOutcome]) -> list[str]:
+    """HEADLINE metrics some run has, then R@1 per caption slot (holistic comparisons)."""
+    have = {k for o in outcomes for k in o.metrics}
+    slots = sorted(k for k in have if k.startswith("retrieval/") and k.count("/") == 2 and k.endswith("_R1"))
+    return [k for k in HEADLINE if k in have] + slots
+
+
 def table(experiments: list[Experiment], outcomes: list[TrainOutcome]) -> str:
-    keys = [k for k in HEADLINE if any(k in o.metrics for o in outcomes)]
+    keys = headline_keys(outcomes)
     width = max(len(k) for k in keys)
     cols = [f"{e.name} ({e.objective.name})" for e in experiments]
     lines = ["metric".ljust(width) + "".join(f"  {c:>22}" for c in cols)]
@@ -75,7 +82,7 @@ def _log_summary(client: MlflowClient, parent: str, experiments: list[Experiment
             for e, o in zip(experiments, outcomes, strict=True):
                 writer.writerow([e.name, e.objective.name, o.mlflow_run_id, *(o.metrics.get(k, "") for k in keys)])
         client.log_artifact(parent, str(path))
-        shown = [k for k in HEADLINE[:6] if any(k in o.metrics for o in outcomes)]
+        shown = [k for k in headline_keys(outcomes) if k not in ("samples_per_s", "loss")]
         fig, ax = plt.subplots(figsize=(1.6 * len(shown) + 2, 4))
         width = 0.8 / len(outcomes)
         for i, (e, o) in enumerate(zip(experiments, outcomes, strict=True)):
