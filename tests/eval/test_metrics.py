@@ -36,6 +36,20 @@ def test_a_permuted_text_set_has_known_recall() -> None:
     assert m["t2i_mean_rank"] == pytest.approx(1.2, rel=1e-5)
 
 
+def test_identical_captions_count_as_correct_matches_with_groups() -> None:
+    x = unit(6, 16)
+    x[1] = F.normalize(x[0] + 0.1 * x[1], dim=-1)  # images 0 and 1 look alike ...
+    text = x.clone()
+    text[1] = text[0]  # ... and have the same caption
+    captions = ["a", "a", "b", "c", "d", "e"]
+    plain = retrieval_metrics(x, text)
+    grouped = retrieval_metrics(x, text, groups=captions)
+    assert plain["i2t_R1"] == pytest.approx(4 / 6) and plain["t2i_R1"] == pytest.approx(5 / 6)  # ties, wrong pair
+    assert grouped["i2t_R1"] == 1.0 and grouped["t2i_R1"] == 1.0
+    wrong = retrieval_metrics(x, text, groups=["a", "z", "b", "c", "d", "e"])  # now only pairs match
+    assert wrong["i2t_R1"] == plain["i2t_R1"]
+
+
 def test_zeroshot_counts_unknown_labels_and_scores_known_ones() -> None:
     classes = unit(6, 8, seed=1)
     images = classes[[0, 1, 2, 3, 4, 5, 0]]
@@ -99,7 +113,7 @@ def test_slot_retrieval_reports_each_slot_and_each_branch() -> None:
     g = torch.Generator().manual_seed(0)
     texts = torch.nn.functional.normalize(torch.randn(20, 2, 16, generator=g), dim=-1)
     image = texts.clone()  # branch m is exactly slot m's caption
-    out = slot_retrieval(image, texts, ["colour", "shape"])
+    out = slot_retrieval(image, texts, ["colour", "shape"], slot_texts=[[f"c{i}", f"s{i}"] for i in range(20)])
     assert out["branch0/colour/i2t_R1"] == 1.0 and out["branch1/shape/t2i_R1"] == 1.0
     assert out["branch0/shape/i2t_R1"] < 0.5 and out["branch1/colour/i2t_R1"] < 0.5
     assert out["retrieval/colour/i2t_R1"] > out["branch1/colour/i2t_R1"]  # fused over branches

@@ -331,9 +331,10 @@ def eval_batches(spec: str, batch_size: int, image_size: int, mean: Sequence[flo
 def _eval_batch(rows: list[tuple[str, str, dict, torch.Tensor]], tokenizer: Tokenizer,
                 captions: CaptionsConfig | None) -> dict[str, Any]:
     batch = {"image": torch.stack([r[3] for r in rows]), "text": tokenizer([r[1] for r in rows]),
-             "key": [r[0] for r in rows], "json": [r[2] for r in rows]}
+             "caption": [r[1] for r in rows], "key": [r[0] for r in rows], "json": [r[2] for r in rows]}
     if captions is not None:
-        batch.update(tokenize_slots([caption_slots(r[1], r[2], captions) for r in rows], tokenizer))
+        slots = [caption_slots(r[1], r[2], captions) for r in rows]
+        batch.update(tokenize_slots(slots, tokenizer), slot_texts=[texts for texts, _ in slots])
     return batch
 
 

@@ -29,21 +29,26 @@ def evaluate(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], batches
         for name, value in zeroshot_accuracy(data["image"], classes, labels, task.classnames, branch).items():
             out[f"zeroshot/{task.name}/{name}"] = value
         out[f"chance/{task.name}"] = 1.0 / len(task.classnames)
-    out.update({f"retrieval/{k}": v for k, v in retrieval_metrics(data["image"], data["text"], branch).items()})
+    main = retrieval_metrics(data["image"], data["text"], branch, data.get("caption"))
+    out.update({f"retrieval/{k}": v for k, v in main.items()})
     if slots and data["texts"] is not None:
-        out.update(slot_retrieval(data["image"], data["texts"], slots, branch))
+        out.update(slot_retrieval(data["image"], data["texts"], slots, branch, data.get("slot_texts")))
     return out
 
 
-def slot_retrieval(image: torch.Tensor, texts: torch.Tensor, slots: list[str],
-                   branch: int | None = None) -> dict[str, float]:
-    """Retrieval against each caption slot (fused over branches), and each branch's R@1 on each slot."""
+def slot_retrieval(image: torch.Tensor, texts: torch.Tensor, slots: list[str], branch: int | None = None,
+                   slot_texts: list[list[str]] | None = None) -> dict[str, float]:
+    """Retrieval against each caption slot (fused over branches), and each branch's R@1 on each slot.
+
+    `slot_texts` (each sample's caption per slot) make identical captions count as correct matches.
+    """
     out: dict[str, float] = {}
     for c, slot in enumerate(slots):
-        metrics = retrieval_metrics(image, texts[:, c], branch)
+        groups = [row[c] for row in slot_texts] if slot_texts is not None else None
+        metrics = retrieval_metrics(image, texts[:, c], branch, groups)
         out.update({f"retrieval/{slot}/{k}": v for k, v in metrics.items() if "_R" in k})
         if image.ndim == 3:
             for m in range(image.shape[1]):
-                per_branch = retrieval_metrics(image, texts[:, c], m)
+                per_branch = retrieval_metrics(image, texts[:, c], m, groups)
                 out.update({f"branch{m}/{slot}/{k}": per_branch[k] for k in ("i2t_R1", "t2i_R1")})
     return out
