@@ -10,7 +10,8 @@ import yaml
 from cliplab.config import dump_yaml, load_experiment
 from cliplab.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                 if not p.name.startswith("sweep_"))  # sweep files: tests/sweep
 
 
 def write(tmp_path: Path, tree: dict) -> Path:

@@ -1,4 +1,4 @@
-"""`cliplab` command line: train, demo, shards synth|inspect, config validate|schema."""
+"""`cliplab` command line: train, sweep, demo, compare, shards synth|inspect, config validate|schema."""
 
 from __future__ import annotations
 
@@ -29,6 +29,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(summary_table(outcome))
     print(f"\nrun {outcome.run_name}: MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cliplab.config import validate_tree
+    from cliplab.demo import embedded_synthscenes, local_overrides
+    from cliplab.runtime import ensure_ray
+    from cliplab.sweep.config import load_sweep
+    from cliplab.sweep.report import trial_table
+    from cliplab.sweep.runner import run_sweep
+
+    overrides = list(args.overrides)
+    if args.embedded:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        overrides = local_overrides(workdir) + overrides
+    sweep, base_tree = load_sweep(args.config, overrides)
+    base = validate_tree(base_tree, args.config)
+    with embedded_synthscenes(base) if args.embedded else contextlib.nullcontext():
+        ensure_ray()
+        outcome = run_sweep(sweep, base_tree, Path(args.config), resume=args.resume)
+    print(trial_table(outcome.rows, list(sweep.space), sweep.metric))
+    if outcome.best is not None:
+        print(f"\nbest trial {outcome.best.trial_id}: {sweep.metric} = {outcome.best.metric:.4f} at "
+              f"{outcome.best.point}; its config is best_config.yaml on the parent run")
+    print(f"sweep {outcome.name}: MLflow parent run {outcome.parent_run_id} at {outcome.tracking_uri}")
+    return 0 if outcome.best is not None else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -101,6 +129,16 @@ def parser() -> argparse.ArgumentParser:
     _config_args(t)
     t.add_argument("--resume", metavar="RUN_NAME", help="resume this run from its latest checkpoint")
     t.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser("sweep", help="Ray Tune sweep of experiment fields, each trial a full training job")
+    sw.add_argument("config", help="sweep YAML (see configs/sweep_*.yaml)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the base experiment (not a swept one; repeatable)")
+    sw.add_argument("--resume", metavar="SWEEP_NAME", help="resume this interrupted sweep")
+    sw.add_argument("--embedded", action="store_true",
+                    help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
+    sw.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+    sw.set_defaults(func=cmd_sweep)
 
     d = sub.add_parser("demo", help="embedded S3 + local Ray + MLflow: synth data, train, evaluate")
     d.add_argument("--workdir", default="cliplab-demo", help="where the MLflow store and checkpoints go")

@@ -80,6 +80,16 @@ def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: 
     return run_id
 
 
+def loop_config(exp: Experiment, run_id: str, uri: str, storage: str, run_name: str) -> dict[str, Any]:
+    """What every worker's `train_loop_per_worker` receives."""
+    return {
+        "experiment": exp.model_dump(mode="json"),
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
+    }
+
+
 def build_trainer(exp: Experiment, run_name: str, loop_config: dict[str, Any], storage: str,
                   callbacks: list[Any] | None = None) -> TorchTrainer:
     """The TorchTrainer for this experiment (shared by `cliplab train` and sweep trials)."""
@@ -116,20 +126,14 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
     storage, uri = storage_root(exp), resolve_tracking_uri(exp)
     run_name = resume or exp.tracking.run_name or new_run_name(exp)
     run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id)
-    loop_config = {
-        "experiment": exp.model_dump(mode="json"),
-        "mlflow_run_id": run_id,
-        "tracking_uri": uri,
-        "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
-    }
     log.info("run %s: storage %s/%s, MLflow run %s at %s", run_name, storage, run_name, run_id, uri)
     tracker = RunLogger(uri, run_id)
     try:
-        result = build_trainer(exp, run_name, loop_config, storage).fit()
+        result = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage).fit()
     except Exception as exc:
         tracker.finish("FAILED")
         raise TrainingFailed(f"run {run_name} failed: {exc}") from exc
-    _finish(exp, tracker, run_name)
+    finish_run(exp, tracker, run_name)
     metrics = tracker.client.get_run(run_id).data.metrics
     return TrainOutcome(
         run_name=run_name, mlflow_run_id=run_id, tracking_uri=uri, storage=f"{storage.rstrip('/')}/{run_name}",
@@ -137,8 +141,8 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
     )
 
 
-def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
-    """Driver-side artifacts: resolved config, loss and eval curves from the run's history."""
+def finish_run(exp: Experiment, tracker: RunLogger, run_name: str, status: str = "FINISHED") -> None:
+    """Driver-side artifacts (resolved config, loss and eval curves from the run's history), then the status."""
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or is_headline(k)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +151,7 @@ def _finish(exp: Experiment, tracker: RunLogger, run_name: str) -> None:
         tracker.artifact(cfg)
         png = loss_curves({k: tracker.history(k) for k in curves}, Path(tmp) / "loss_curve.png", run_name)
         tracker.artifact(png, "plots")
-    tracker.finish("FINISHED")
+    tracker.finish(status)
 
 
 def _in_summary(metric: str) -> bool:

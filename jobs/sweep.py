@@ -1,0 +1,29 @@
+"""`ray job submit ... -- python jobs/sweep.py --config configs/X.yaml [--set k=v ...] [--resume SWEEP]`.
+
+Connects to the cluster the job runs in (RAY_ADDRESS, set by the job server), runs the Ray Tune sweep,
+exits non-zero with the reason on stderr when the sweep cannot run or no trial finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working_dir upload is not installed
+
+from cliplab.cli import main
+
+
+def run(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--resume")
+    args = p.parse_args(argv)
+    cli = ["sweep", args.config, *(f"--set={o}" for o in args.overrides)]
+    return main(cli + (["--resume", args.resume] if args.resume else []))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,77 @@
+"""One sweep trial: a Tune function trainable that drives the same TorchTrainer as `cliplab train`.
+
+Ray 2.60's Train V2 pattern (ray-stack.md §1): the trial function builds and fits the TorchTrainer, and a
+`TuneReportCallback` hands rank 0's reports to Tune. The Train run is named `<sweep>-<trial id>`, so a
+retried or restored trial resumes its own run from its last checkpoint, and its MLflow child run is looked
+up by trial id before one is created, so a restored sweep never duplicates it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from cliplab.config import Experiment
+from cliplab.sweep.config import experiment_at
+from cliplab.tracking.mlflow import RunLogger, create_run, experiment_id
+from cliplab.train.trainer import build_trainer, finish_run, loop_config
+
+log = logging.getLogger("cliplab.sweep")
+TRIAL_TAG = "cliplab.trial_id"
+STATUS_TAG = "cliplab.trial_status"
+
+
+class MetricReports(TuneReportCallback):
+    """Forward only the reports that carry the sweep metric (Tune refuses results without it)."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def find_child(client: MlflowClient, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
+    """The MLflow run of this trial under this sweep's parent run, if it exists."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    runs = client.search_runs([experiment], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def child_run(exp: Experiment, uri: str, parent_run_id: str, sweep: str, trial_id: str, point: dict[str, Any]) -> str:
+    """This trial's child run: the existing one after a restore, else a new one with a plain run's params."""
+    client = MlflowClient(uri)
+    found = find_child(client, experiment_id(client, exp, uri), parent_run_id, trial_id)
+    if found:
+        return found
+    tags = {TRIAL_TAG: trial_id, "cliplab.sweep": sweep, "ray.run_name": f"{sweep}-{trial_id}",
+            "cliplab.sampled": json.dumps(point)}
+    return create_run(exp, uri, f"{sweep}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
+
+
+def run_trial(point: dict[str, Any], *, base_tree: dict[str, Any], sweep: str, parent_run_id: str, uri: str,
+              storage: str, metric: str) -> None:
+    """Tune function trainable: train the base experiment at `point` (a dict of dotted field -> value)."""
+    trial_id = tune.get_context().get_trial_id()
+    exp = experiment_at(base_tree, point, f"sweep {sweep} trial {trial_id}")
+    run_name = f"{sweep}-{trial_id}"
+    run_id = child_run(exp, uri, parent_run_id, sweep, trial_id, point)
+    tracker = RunLogger(uri, run_id)
+    tracker.tags({STATUS_TAG: "RUNNING"})
+    trainer = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage,
+                            callbacks=[MetricReports(metric)])
+    try:
+        trainer.fit()
+    except Exception as exc:
+        tracker.tags({STATUS_TAG: "ERROR", "cliplab.error": str(exc)[:4000]})
+        tracker.finish("FAILED")
+        raise
+    tracker.tags({STATUS_TAG: "TERMINATED"})
+    finish_run(exp, tracker, run_name)

@@ -1,0 +1,166 @@
+"""Ray Tune sweeps end to end: real local Ray, real DeepSpeed trials, a real MLflow store, shards on the S3
+endpoint. Parent/child runs and their params, metrics and artifacts; a failing trial; resume after a kill."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cliplab.config import validate_tree
+from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.errors import ConfigError
+from cliplab.sweep.config import load_sweep
+from cliplab.sweep.runner import run_sweep
+from cliplab.tracking.mlflow import params_of
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def sweep_bucket(s3_server) -> str:
+    from cliplab.embedded import create_bucket
+
+    create_bucket(s3_server.endpoint, "sweep-e2e")
+    write_synthscenes("s3://sweep-e2e/train", SynthSpec(num_samples=128, samples_per_shard=32, image_size=32))
+    write_synthscenes("s3://sweep-e2e/val", SynthSpec(num_samples=32, samples_per_shard=16, image_size=32, seed=7))
+    return "sweep-e2e"
+
+
+def write_configs(tmp_path: Path, mlflow_uri: str, space: dict, **sweep) -> Path:
+    base = {
+        "name": "sw",
+        "data": {"train_shards": "s3://sweep-e2e/train/{00000..00003}.tar",
+                 "val_shards": "s3://sweep-e2e/val/{00000..00001}.tar",
+                 "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16, "image_size": 32},
+        "model": {"config": TINY_MODEL},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "deepspeed": {"zero_stage": 1, "precision": "fp32"},
+        "train": {"steps": 4, "log_every": 1, "checkpoint_every": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.4, "max_failures": 0},
+        "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"tracking_uri": mlflow_uri, "experiment": "sweep-e2e"},
+        "eval": {"every_steps": 2, "max_samples": 32, "batch_size": 16},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "tiny", "base": "base.yaml", "space": space, "metric": "retrieval/i2t_R1", "mode": "max",
+            "scheduler": {"name": "asha", "grace_period": 2}, "max_concurrent": 1, **sweep}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucket, tmp_path, mlflow_uri):
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"loguniform": [1e-4, 1e-2]},
+                                                "train.crash_at_step": {"grid": [None, 3]}},
+                         scheduler={"name": "fifo"})  # no early stop: both trials run to their end or fault
+    sweep, base_tree = load_sweep(path)
+    outcome = run_sweep(sweep, base_tree, path)
+
+    assert len(outcome.rows) == 2
+    by_crash = {r.point["train.crash_at_step"]: r for r in outcome.rows}
+    assert by_crash[3].status == "ERROR" and "crash_at_step" in by_crash[3].error
+    assert by_crash[None].status == "TERMINATED" and by_crash[None].metric is not None
+    assert outcome.best is by_crash[None]
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.metric"] == "retrieval/i2t_R1"
+    assert parent.data.metrics["trials/error"] == 1 and parent.data.metrics["trials/terminated"] == 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"sweep.yaml", "results.csv", "best_config.yaml", "plots/metric_vs_fields.png",
+            "plots/parallel_coordinates.png"} <= artifacts
+    best_cfg = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "best_config.yaml")).read_text())
+    assert best_cfg["optim"]["lr"] == pytest.approx(by_crash[None].point["optim.lr"])
+    validate_tree(best_cfg)
+    with open(client.download_artifacts(parent.info.run_id, "results.csv")) as f:
+        assert {row["status"] for row in csv.DictReader(f)} == {"ERROR", "TERMINATED"}
+
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    plain_params = set(params_of(validate_tree(base_tree)))
+    for child in children:
+        assert set(child.data.params) == plain_params, "a trial logs exactly a plain training run's params"
+        crash = child.data.params["train.crash_at_step"]
+        if crash == "None":
+            assert child.info.status == "FINISHED" and child.data.tags["cliplab.trial_status"] == "TERMINATED"
+            assert "retrieval/i2t_R1" in child.data.metrics and "loss" in child.data.metrics
+            assert float(child.data.params["optim.lr"]) == pytest.approx(by_crash[None].point["optim.lr"])
+        else:
+            assert child.info.status == "FAILED" and child.data.tags["cliplab.trial_status"] == "ERROR"
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicate_children(ray_local, sweep_bucket, tmp_path, mlflow_uri):
+    """Kill the sweep's driver once the first trial finished, resume it by name: 3 children, all finished."""
+    import ray
+
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}},
+                         scheduler={"name": "fifo"})
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cliplab.cli", "sweep", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    client = MlflowClient(mlflow_uri)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        found = client.get_experiment_by_name("sweep-e2e")
+        finished = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'") if found else []
+        if any("cliplab.trial_id" in r.data.tags for r in finished):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    runs_dir = tmp_path / "runs"
+    name = next(p.name for p in runs_dir.iterdir() if (p / "cliplab_sweep.json").exists())
+    resumed = subprocess.run([*cmd, "--resume", name], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    exp_id = client.get_experiment_by_name("sweep-e2e").experiment_id
+    parents = client.search_runs([exp_id], filter_string=f"tags.`cliplab.sweep_run` = '{name}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    trial_ids = [c.data.tags["cliplab.trial_id"] for c in children]
+    assert len(trial_ids) == 3 == len(set(trial_ids)), trial_ids
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_bad_sweep_files_are_refused_before_anything_starts(tmp_path, mlflow_uri):
+    path = write_configs(tmp_path, mlflow_uri, {"objective.lambda_cc": {"choice": [1.0]}})
+    with pytest.raises(ConfigError, match="lambda_cc"):
+        load_sweep(path)
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"uniform": [0.01, 0.001]}})
+    with pytest.raises(ConfigError, match=r"space\.optim\.lr.*low < high"):
+        load_sweep(path)
+    path = write_configs(tmp_path, mlflow_uri, {"data.batch_size": {"grid": [8, -1]}})
+    with pytest.raises(ConfigError, match=r"data\.batch_size=-1"):
+        load_sweep(path)
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"choice": [1e-3]}}, metric="accuracy")
+    with pytest.raises(ConfigError, match="not a metric cliplab reports"):
+        load_sweep(path)
+    with pytest.raises(ConfigError, match="that field is swept"):
+        load_sweep(write_configs(tmp_path, mlflow_uri, {"optim.lr": {"choice": [1e-3]}}), ["optim.lr=0.1"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_validate(path: Path) -> None:
+    sweep, tree = load_sweep(path)
+    assert sweep.space and validate_tree(tree).train.steps > 0
