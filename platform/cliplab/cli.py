@@ -1,4 +1,4 @@
-"""`cliplab` command line: train, sweep, demo, compare, shards synth|inspect, config validate|schema."""
+"""`cliplab` command line: train, sweep, evaluate, submit, demo, compare, shards, config, cluster render."""
 
 from __future__ import annotations
 
@@ -57,6 +57,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"{outcome.best.point}; its config is best_config.yaml on the parent run")
     print(f"sweep {outcome.name}: MLflow parent run {outcome.parent_run_id} at {outcome.tracking_uri}")
     return 0 if outcome.best is not None else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cliplab.config import load_experiment
+    from cliplab.eval.offline import evaluate_export, model_location
+    from cliplab.runtime import ensure_ray
+    from cliplab.tracking.mlflow import resolve_tracking_uri
+
+    exp = load_experiment(args.config, args.overrides)
+    export = model_location(resolve_tracking_uri(exp), args.model, args.run)
+    ensure_ray()
+    metrics, run_id = evaluate_export(exp, export, args.run)
+    width = max(len(k) for k in metrics)
+    for key in sorted(metrics):
+        if not key.startswith("branch"):
+            print(f"{key.ljust(width)}  {metrics[key]:.4f}")
+    print(f"\nevaluated {export}: MLflow run {run_id}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cliplab.cluster.submit import submit
+
+    extra = (["--model", args.model] if args.model else []) + (["--run", args.run] if args.run else [])
+    extra += ["--resume", args.resume] if args.resume else []
+    submit(args.kind, args.config, args.address, args.overrides, extra, args.env, wait=not args.no_wait)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from cliplab.cluster.render import render, render_yaml
+
+    extra = (["--model", args.model] if args.model else []) + (["--run", args.run] if args.run else [])
+    manifest = render(args.kind, args.config, args.image, args.gpus_per_node, extra)
+    print(render_yaml(manifest, f"rendered by: cliplab cluster render {args.config} --kind {args.kind}"), end="")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -139,6 +175,34 @@ def parser() -> argparse.ArgumentParser:
                     help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
     sw.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
     sw.set_defaults(func=cmd_sweep)
+
+    ev = sub.add_parser("evaluate", help="evaluate an exported model on the experiment's held-out data")
+    _config_args(ev)
+    ev.add_argument("--model", help="export dir of a run (<storage>/<run>/export, local or s3://)")
+    ev.add_argument("--run", help="MLflow run id of a training run (its cliplab.model_uri tag names the export)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    sb = sub.add_parser("submit", help="submit train/sweep/evaluate as a Ray job and follow it")
+    sb.add_argument("kind", choices=["train", "sweep", "evaluate"])
+    _config_args(sb)
+    sb.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    sb.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra job env var (credentials only this way, explicitly; repeatable)")
+    sb.add_argument("--model", help="evaluate: export dir")
+    sb.add_argument("--run", help="evaluate: MLflow run id of the training run")
+    sb.add_argument("--resume", help="train/sweep: resume this run or sweep")
+    sb.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    sb.set_defaults(func=cmd_submit)
+
+    cl = sub.add_parser("cluster", help="KubeRay manifests").add_subparsers(dest="cluster", required=True)
+    r = cl.add_parser("render", help="a RayJob (with its RayCluster) sized from the experiment config")
+    r.add_argument("config", help="experiment or sweep YAML inside this repository")
+    r.add_argument("--kind", choices=["train", "sweep", "evaluate"], default="train")
+    r.add_argument("--image", default="cliplab:2.60.0-py311-gpu", help="the image built from ./Dockerfile")
+    r.add_argument("--gpus-per-node", type=int, default=8)
+    r.add_argument("--model", help="evaluate: export dir")
+    r.add_argument("--run", help="evaluate: MLflow run id")
+    r.set_defaults(func=cmd_render)
 
     d = sub.add_parser("demo", help="embedded S3 + local Ray + MLflow: synth data, train, evaluate")
     d.add_argument("--workdir", default="cliplab-demo", help="where the MLflow store and checkpoints go")

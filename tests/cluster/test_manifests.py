@@ -8,6 +8,7 @@ validation would; `required` keys that have a server-side default are dropped, s
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import jsonschema
@@ -75,3 +76,71 @@ def test_images_and_versions_match_the_pinned_ray() -> None:
     assert doc["spec"]["rayVersion"] == ray.__version__
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
+
+
+RENDERED = {"rayjob-train.yaml": ("train", "configs/holistic_vitb16.yaml", []),
+            "rayjob-sweep.yaml": ("sweep", "configs/sweep_mcd_weights_cluster.yaml", []),
+            "rayjob-evaluate.yaml": ("evaluate", "configs/holistic_vitb16.yaml",
+                                     ["--model", "s3://my-bucket/cliplab-runs/RUN_NAME/export"])}
+EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
+
+
+def _render(kind: str, config: str, extra: list[str]) -> dict:
+    from cliplab.cluster.render import render
+
+    return render(kind, str(ROOT / config), "cliplab:2.60.0-py311-gpu", 8, extra)
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_committed_rayjobs_are_what_render_makes(name: str) -> None:
+    kind, config, extra = RENDERED[name]
+    assert yaml.safe_load((ROOT / "cluster" / name).read_text()) == _render(kind, config, extra), (
+        f"cluster/{name} is stale: cliplab cluster render {config} --kind {kind} {' '.join(extra)} > cluster/{name}")
+
+
+@pytest.mark.parametrize("config", [*EXPERIMENTS, *sorted((ROOT / "configs").glob("sweep_*.yaml"))],
+                         ids=lambda p: p.name)
+def test_every_rendered_rayjob_validates(config: Path) -> None:
+    kind = "sweep" if config.name.startswith("sweep_") else "train"
+    doc = _render(kind, str(config.relative_to(ROOT)), [])
+    assert errors(doc) == []
+    workers = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] >= 1 and workers["maxReplicas"] >= workers["replicas"]
+    for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds"):
+        assert key in doc["spec"]
+
+
+def test_render_sizes_the_worker_group_from_scaling() -> None:
+    doc = _render("train", "configs/holistic_vitb16.yaml", [])  # 8 workers x 1 GPU, 8 CPUs each
+    group = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert group["replicas"] == 1 and limits["nvidia.com/gpu"] == "8" and limits["cpu"] == "66"
+    cpu = _render("train", "configs/demo.yaml", [])["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert cpu["groupName"] == "cpu-workers"
+    assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_an_invalid_rayjob_fails() -> None:
+    doc = _render("train", "configs/holistic_vitb16.yaml", [])
+    doc["spec"]["shutdownAfterJobFinishes"] = "yes"
+    doc["spec"]["ttlSecondsAfterFinnished"] = 60
+    found = "\n".join(errors(doc))
+    assert "shutdownAfterJobFinishes" in found and "ttlSecondsAfterFinnished" in found
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("cluster/rayjob-*.yaml")), ids=lambda p: p.name)
+def test_entrypoints_and_configs_named_in_manifests_exist(path: Path) -> None:
+    entrypoint = yaml.safe_load(path.read_text())["spec"]["entrypoint"]
+    named = re.findall(r"(?:jobs|configs)/[\w./-]+", entrypoint)
+    assert any(n.startswith("jobs/") for n in named) and any(n.startswith("configs/") for n in named), entrypoint
+    for relative in named:
+        assert (ROOT / relative).is_file(), f"{path.name} names {relative}, which is not in the repository"
+
+
+def test_dockerfile_runs_as_non_root_and_bakes_in_no_secrets() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert not re.search(r"^(ENV|ARG)\s+\S*(SECRET|KEY|TOKEN|PASSWORD)", dockerfile, re.MULTILINE | re.IGNORECASE)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git"} <= set(ignored)

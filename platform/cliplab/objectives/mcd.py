@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from deepspeed.utils import safe_get_full_fp32_param
 from pydantic import BaseModel, ConfigDict, Field
 from torch.func import functional_call
 
@@ -116,6 +115,8 @@ class EmaTower:
 
     @staticmethod
     def _current(engine: Any) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param  # deepspeed only where an engine exists
+
         visual = engine.module.visual
         state = {}
         for name, p in visual.named_parameters():

@@ -1,0 +1,32 @@
+"""`ray job submit ... -- python jobs/evaluate.py --config configs/X.yaml (--model EXPORT | --run RUN_ID) [--set k=v]`.
+
+Connects to the cluster the job runs in (RAY_ADDRESS, set by the job server), evaluates the exported model on
+the experiment's held-out data, logs a new MLflow run, exits non-zero with the reason on stderr on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working_dir upload is not installed
+
+from cliplab.cli import main
+
+
+def run(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--model")
+    p.add_argument("--run")
+    args = p.parse_args(argv)
+    cli = ["evaluate", args.config, *(f"--set={o}" for o in args.overrides)]
+    cli += ["--model", args.model] if args.model else []
+    cli += ["--run", args.run] if args.run else []
+    return main(cli)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

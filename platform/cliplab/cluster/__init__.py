@@ -1,0 +1,1 @@
+"""The cluster path: submitting jobs to a Ray cluster and rendering KubeRay manifests from experiment configs."""

@@ -1,0 +1,109 @@
+"""`cliplab submit {train,sweep,evaluate} CONFIG --address URL`: a Ray job through the job submission SDK.
+
+The job runs `python jobs/<kind>.py --config CONFIG ...` in an uploaded copy of this repository
+(`working_dir`; `.git`, `.venv` and what `.gitignore` lists stay behind). Its environment carries endpoints
+only (S3 endpoint and region, MLflow URI); credentials reach the cluster through its own pods (a Kubernetes
+Secret), never through a runtime env that the dashboard shows, unless the user passes them with `--env`.
+Token auth: the client sends the token of RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cliplab.errors import CliplabError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[3]
+ENTRYPOINTS = {"train": "jobs/train.py", "sweep": "jobs/sweep.py", "evaluate": "jobs/evaluate.py"}
+SHIPPED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI")
+EXCLUDES = [".git", ".venv", "**/__pycache__", "cliplab-demo", "mlruns", "mlartifacts", "*.db"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobFailed(CliplabError):
+    """The submitted job ended in FAILED or STOPPED."""
+
+
+def enable_token_auth() -> None:
+    """Send the token when one is configured (Ray's SDK only does so with RAY_AUTH_MODE=token)."""
+    have_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+        Path.home() / ".ray" / "auth_token").exists()
+    if have_token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -> str:
+    """The job's command line, with CONFIG relative to the repository root (the uploaded working dir)."""
+    path = Path(config).resolve()
+    try:
+        relative = path.relative_to(ROOT)
+    except ValueError:
+        raise ConfigError(f"{config}: a submitted config must live inside the repository ({ROOT}), "
+                          "which is what the job's working directory holds") from None
+    args = ["python", ENTRYPOINTS[kind], "--config", str(relative), *(f"--set={o}" for o in overrides), *extra]
+    return shlex.join(args)
+
+
+def runtime_env(env: list[str]) -> dict[str, Any]:
+    """working_dir + endpoints from this shell + the user's explicit `--env K=V` pairs."""
+    env_vars = {k: os.environ[k] for k in SHIPPED_ENV if os.environ.get(k)}
+    for pair in env:
+        if "=" not in pair:
+            raise ConfigError(f"--env {pair!r}: expected NAME=VALUE")
+        key, value = pair.split("=", 1)
+        env_vars[key] = value
+    return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+
+
+def check_config(kind: str, config: str, overrides: list[str]) -> None:
+    """Refuse a bad config here, before anything is uploaded."""
+    if kind == "sweep":
+        from cliplab.sweep.config import load_sweep
+
+        load_sweep(config, overrides)
+    else:
+        from cliplab.config import load_experiment
+
+        load_experiment(config, overrides)
+
+
+async def _follow(client: Any, submission_id: str) -> None:
+    async for lines in client.tail_job_logs(submission_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def submit(kind: str, config: str, address: str, overrides: list[str], extra: list[str], env: list[str],
+           wait: bool = True) -> str:
+    """Submit, print the submission id, follow the logs until the job ends; raises JobFailed unless SUCCEEDED."""
+    check_config(kind, config, overrides)
+    enable_token_auth()
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    submission_id = f"cliplab-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    command = entrypoint(kind, config, overrides, extra)
+    client.submit_job(entrypoint=command, submission_id=submission_id, runtime_env=runtime_env(env),
+                      metadata={"cliplab.kind": kind, "cliplab.config": config})
+    print(f"submitted {submission_id}: {command}", flush=True)
+    if not wait:
+        return submission_id
+    asyncio.run(_follow(client, submission_id))
+    status = str(client.get_job_status(submission_id))
+    while status.split(".")[-1] not in TERMINAL:  # logs can end a moment before the status settles
+        time.sleep(1)
+        status = str(client.get_job_status(submission_id))
+    status = status.split(".")[-1]
+    print(f"job {submission_id}: {status}", flush=True)
+    if status != "SUCCEEDED":
+        info = client.get_job_info(submission_id)
+        raise JobFailed(f"job {submission_id} {status}: {info.message or 'see the logs above'}")
+    return submission_id

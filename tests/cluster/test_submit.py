@@ -1,0 +1,108 @@
+"""`ray job submit` and `cliplab submit` against a real Ray head started with `ray start --head` on 127.0.0.1
+(token auth on, as Ray 2.60 defaults): the job trains, MLflow holds its run; a failing job fails the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cliplab.data.synth import SynthSpec, write_synthscenes
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "tests/cluster/job_tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server, tmp_path_factory):
+    """A Ray head of its own (own ports, own process group), with the venv first on PATH for the job driver."""
+    from cliplab.embedded import create_bucket
+
+    create_bucket(s3_server.endpoint, "job-e2e")
+    write_synthscenes("s3://job-e2e/train", SynthSpec(num_samples=128, samples_per_shard=32, image_size=32))
+    write_synthscenes("s3://job-e2e/val", SynthSpec(num_samples=32, samples_per_shard=16, image_size=32, seed=7))
+    dashboard = _port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+           f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
+           f"--dashboard-agent-grpc-port={_port()}", f"--metrics-export-port={_port()}",
+           f"--runtime-env-agent-port={_port()}", f"--node-manager-port={_port()}",
+           f"--object-manager-port={_port()}", "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the job API answers once the dashboard's job module is up
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    yield address, {**env, "RAY_ADDRESS": address}
+    os.killpg(proc.pid, signal.SIGKILL)  # this head's processes only: never `ray stop` (other Rays on the host)
+
+
+def _job_env(env: dict, tmp_path: Path) -> dict:
+    return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "platform")}
+
+
+def _runs(tmp_path: Path) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = client.get_experiment_by_name("job-e2e")
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_ray_job_submit_cli_trains_and_tracks(ray_head, tmp_path):
+    address, env = ray_head
+    env = _job_env(env, tmp_path)
+    runtime = {"env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
+                            if k in env}}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps(runtime), "--", "python", "jobs/train.py", "--config", CONFIG,
+         "--set", f"storage.path={tmp_path / 'runs'}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED" and "retrieval/i2t_R1" in run.data.metrics and "loss" in run.data.metrics
+
+
+def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
+    address, env = ray_head
+    env = _job_env(env, tmp_path)
+    env.pop("RAY_AUTH_MODE")  # cliplab submit turns token auth on itself when a token is configured
+    base = [sys.executable, "-m", "cliplab.cli", "submit", "train", CONFIG, "--address", address,
+            "--set", f"storage.path={tmp_path / 'runs'}"]
+    ok = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:]
+    assert "submitted cliplab-train-" in ok.stdout and "SUCCEEDED" in ok.stdout and "step 4/4" in ok.stdout
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+
+    bad = subprocess.run([*base, "--set", "train.crash_at_step=2", "--set", "scaling.max_failures=0"], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert bad.returncode != 0
+    assert "FAILED" in bad.stdout and "injected fault" in bad.stdout + bad.stderr
+    assert "cliplab: error: job cliplab-train-" in bad.stderr
