@@ -18,14 +18,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cliplab.config import load_experiment
+    from cliplab.demo import embedded_synthscenes, local_overrides
     from cliplab.runtime import check_fits, ensure_ray
     from cliplab.train.trainer import run_training, summary_table
 
-    exp = load_experiment(args.config, args.overrides)
-    ensure_ray()
-    check_fits(exp)
-    outcome = run_training(exp, resume=args.resume)
+    overrides = list(args.overrides)
+    if args.embedded:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        overrides = local_overrides(workdir) + overrides
+    exp = load_experiment(args.config, overrides)
+    with embedded_synthscenes(exp) if args.embedded else contextlib.nullcontext():
+        ensure_ray()
+        check_fits(exp)
+        outcome = run_training(exp, resume=args.resume)
     print(summary_table(outcome))
     print(f"\nrun {outcome.run_name}: MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
     return 0
@@ -164,6 +173,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment on Ray Train + DeepSpeed")
     _config_args(t)
     t.add_argument("--resume", metavar="RUN_NAME", help="resume this run from its latest checkpoint")
+    t.add_argument("--embedded", action="store_true",
+                   help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
+    t.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
     t.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of experiment fields, each trial a full training job")

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 from ray import tune
 
 log = logging.getLogger("cliplab.sweep")
@@ -111,6 +112,7 @@ def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_s
             ax.set_xticks(range(len(labels)), labels)
         if name in log_scale:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overlap
         ax.set(xlabel=name, ylabel=metric)
     fig.suptitle(f"{metric} per trial (hollow: stopped early by the scheduler)", fontsize=10)
     fig.tight_layout()
