@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,7 +85,8 @@ def test_ray_job_submit_cli_trains_and_tracks(ray_head, tmp_path):
          "--set", f"storage.path={tmp_path / 'runs'}"],
         env=env, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", proc.stdout + proc.stderr), proc.stdout[-2000:]
     (run,) = _runs(tmp_path)
     assert run.info.status == "FINISHED" and "retrieval/i2t_R1" in run.data.metrics and "loss" in run.data.metrics
 
@@ -93,7 +95,7 @@ def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
     address, env = ray_head
     env = _job_env(env, tmp_path)
     env.pop("RAY_AUTH_MODE")  # cliplab submit turns token auth on itself when a token is configured
-    base = [sys.executable, "-m", "cliplab.cli", "submit", "train", CONFIG, "--address", address,
+    base = [sys.executable, "-m", "cliplab.cli", "submit", "train", str(ROOT / CONFIG), "--address", address,
             "--set", f"storage.path={tmp_path / 'runs'}"]
     ok = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:]

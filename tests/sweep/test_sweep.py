@@ -143,6 +143,17 @@ def test_interrupted_sweep_resumes_without_duplicate_children(ray_local, sweep_b
     assert all(c.info.status == "FINISHED" for c in children)
 
 
+@pytest.mark.slow
+def test_optuna_search_samples_within_the_space(ray_local, sweep_bucket, tmp_path, mlflow_uri):
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"loguniform": [1e-4, 1e-2]},
+                                                "objective.name": {"choice": ["clip"]}},
+                         search="optuna", num_samples=2, scheduler={"name": "fifo"}, max_concurrent=2)
+    sweep, base_tree = load_sweep(path)
+    outcome = run_sweep(sweep, base_tree, path)
+    assert [r.status for r in outcome.rows] == ["TERMINATED", "TERMINATED"]
+    assert all(1e-4 <= r.point["optim.lr"] <= 1e-2 and r.metric is not None for r in outcome.rows)
+
+
 def test_bad_sweep_files_are_refused_before_anything_starts(tmp_path, mlflow_uri):
     path = write_configs(tmp_path, mlflow_uri, {"objective.lambda_cc": {"choice": [1.0]}})
     with pytest.raises(ConfigError, match="lambda_cc"):
@@ -155,6 +166,9 @@ def test_bad_sweep_files_are_refused_before_anything_starts(tmp_path, mlflow_uri
         load_sweep(path)
     path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"choice": [1e-3]}}, metric="accuracy")
     with pytest.raises(ConfigError, match="not a metric cliplab reports"):
+        load_sweep(path)
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3]}}, search="optuna")
+    with pytest.raises(ConfigError, match="use choice instead of grid"):
         load_sweep(path)
     with pytest.raises(ConfigError, match="that field is swept"):
         load_sweep(write_configs(tmp_path, mlflow_uri, {"optim.lr": {"choice": [1e-3]}}), ["optim.lr=0.1"])
