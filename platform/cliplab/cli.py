@@ -17,19 +17,32 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a dotted field, e.g. --set optim.lr=1e-4 (repeatable)")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _embedded_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedded", action="store_true",
+                   help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
+    p.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, after the local storage and MLflow store under --workdir with --embedded."""
+    if not args.embedded:
+        return list(args.overrides)
     from pathlib import Path
 
+    from cliplab.demo import local_overrides
+
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return local_overrides(workdir) + list(args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from cliplab.config import load_experiment
-    from cliplab.demo import embedded_synthscenes, local_overrides
+    from cliplab.demo import embedded_synthscenes
     from cliplab.runtime import check_fits, ensure_ray
     from cliplab.train.trainer import run_training, summary_table
 
-    overrides = list(args.overrides)
-    if args.embedded:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        overrides = local_overrides(workdir) + overrides
+    overrides = _overrides(args)
     exp = load_experiment(args.config, overrides)
     with embedded_synthscenes(exp) if args.embedded else contextlib.nullcontext():
         ensure_ray()
@@ -44,17 +57,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cliplab.config import validate_tree
-    from cliplab.demo import embedded_synthscenes, local_overrides
+    from cliplab.demo import embedded_synthscenes
     from cliplab.runtime import ensure_ray
     from cliplab.sweep.config import load_sweep
     from cliplab.sweep.report import trial_table
     from cliplab.sweep.runner import run_sweep
 
-    overrides = list(args.overrides)
-    if args.embedded:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        overrides = local_overrides(workdir) + overrides
+    overrides = _overrides(args)
     sweep, base_tree = load_sweep(args.config, overrides)
     base = validate_tree(base_tree, args.config)
     with embedded_synthscenes(base) if args.embedded else contextlib.nullcontext():
@@ -112,18 +121,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cliplab.compare import compare, table
     from cliplab.config import load_experiment
-    from cliplab.demo import embedded_synthscenes, local_overrides
+    from cliplab.demo import embedded_synthscenes
     from cliplab.runtime import check_fits, ensure_ray
 
-    overrides = list(args.overrides)
-    if args.embedded:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        overrides = local_overrides(workdir) + overrides
+    overrides = _overrides(args)
     experiments = [load_experiment(c, overrides) for c in args.configs]
     with embedded_synthscenes(experiments[0]) if args.embedded else contextlib.nullcontext():
         ensure_ray()
@@ -173,9 +176,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment on Ray Train + DeepSpeed")
     _config_args(t)
     t.add_argument("--resume", metavar="RUN_NAME", help="resume this run from its latest checkpoint")
-    t.add_argument("--embedded", action="store_true",
-                   help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
-    t.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+    _embedded_args(t)
     t.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of experiment fields, each trial a full training job")
@@ -183,9 +184,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of the base experiment (not a swept one; repeatable)")
     sw.add_argument("--resume", metavar="SWEEP_NAME", help="resume this interrupted sweep")
-    sw.add_argument("--embedded", action="store_true",
-                    help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
-    sw.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+    _embedded_args(sw)
     sw.set_defaults(func=cmd_sweep)
 
     ev = sub.add_parser("evaluate", help="evaluate an exported model on the experiment's held-out data")
@@ -226,9 +225,7 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("configs", nargs="+", help="experiment YAMLs reading the same training shards")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override applied to every config (repeatable)")
-    cmp.add_argument("--embedded", action="store_true",
-                     help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
-    cmp.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+    _embedded_args(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     shards = sub.add_parser("shards", help="write or inspect WebDataset shards")
