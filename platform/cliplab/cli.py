@@ -109,7 +109,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     extra = (["--model", args.model] if args.model else []) + (["--run", args.run] if args.run else [])
     manifest = render(args.kind, args.config, args.image, args.gpus_per_node, extra)
-    print(render_yaml(manifest, f"rendered by: cliplab cluster render {args.config} --kind {args.kind}"), end="")
+    command = " ".join(["cliplab cluster render", args.config, "--kind", args.kind, *extra])
+    print(render_yaml(manifest, f"rendered by: {command}"), end="")
     return 0
 
 

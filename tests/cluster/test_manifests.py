@@ -144,3 +144,34 @@ def test_dockerfile_runs_as_non_root_and_bakes_in_no_secrets() -> None:
     assert not re.search(r"^(ENV|ARG)\s+\S*(SECRET|KEY|TOKEN|PASSWORD)", dockerfile, re.MULTILINE | re.IGNORECASE)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git"} <= set(ignored)
+
+
+def test_an_evaluation_asks_for_one_workers_node_share_not_the_training_jobs() -> None:
+    """Evaluation is one Ray task of a training worker's size: one GPU, and memory and /dev/shm to match."""
+    doc = _render("evaluate", "configs/holistic_vitb16.yaml", ["--model", "s3://b/runs/r/export"])
+    group = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert group["replicas"] == group["maxReplicas"] == 1
+    assert limits == {"cpu": "10", "memory": "60Gi", "nvidia.com/gpu": "1"}  # 8 CPUs per worker + 2
+    assert group["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] == "8Gi"
+    assert errors(doc) == []
+
+
+def test_fractional_gpus_per_worker_share_nodes_and_oversized_workers_are_refused() -> None:
+    from cliplab.cluster.render import TEMPLATE, _size_workers
+    from cliplab.config import validate_tree
+    from cliplab.errors import ConfigError
+
+    tree = yaml.safe_load((ROOT / "configs" / "holistic_vitb16.yaml").read_text())
+
+    def sized(gpus_per_worker: float, workers: int) -> dict:
+        exp = validate_tree({**tree, "scaling": {**tree["scaling"], "gpus_per_worker": gpus_per_worker}}, "test")
+        group = yaml.safe_load(TEMPLATE.read_text())["spec"]["workerGroupSpecs"][0]
+        _size_workers(group, exp, workers, 1, 8)
+        return group
+
+    half = sized(0.5, 20)  # 16 workers on an 8-GPU node: 2 nodes
+    assert half["replicas"] == 2
+    assert half["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    with pytest.raises(ConfigError, match=r"scaling.gpus_per_worker: 16 GPUs per worker cannot be placed"):
+        sized(16, 1)

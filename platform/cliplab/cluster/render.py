@@ -3,7 +3,8 @@
 The RayCluster part starts from `cluster/raycluster.yaml` and takes from the experiment config what decides
 the cluster's shape: the image, how many GPU workers a node holds (`--gpus-per-node` over
 `scaling.gpus_per_worker`), how many nodes the job needs (`scaling.num_workers`, times `max_concurrent` trials
-for a sweep) and each node's CPU and GPU limits. CPU-only experiments get CPU nodes. The job runs the
+for a sweep; one worker's worth for an evaluation, which runs as one task) and each node's CPU and GPU limits.
+CPU-only experiments get CPU nodes. The job runs the
 `jobs/` entrypoint from the image's copy of the repository (`APP_DIR`, the Dockerfile's WORKDIR).
 """
 
@@ -35,24 +36,42 @@ def _experiment(kind: str, config: Path) -> tuple[Experiment, int]:
     return validate_tree(tree, str(config)), sweep.max_concurrent or 1
 
 
-def _size_workers(group: dict[str, Any], exp: Experiment, jobs_at_once: int, gpus_per_node: int) -> None:
+def _scaled(quantity: str, share: float) -> str:
+    """`480Gi` times `share`, rounded up to whole Gi (the template's memory quantities are in Gi)."""
+    if not quantity.endswith("Gi"):
+        raise ConfigError(f"{TEMPLATE}: memory quantities must be in Gi to be sized, got {quantity!r}")
+    return f"{max(1, math.ceil(float(quantity[:-2]) * share))}Gi"
+
+
+def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_once: int,
+                  gpus_per_node: int) -> None:
+    """Nodes, and each node's limits, for `workers` Ray workers of the experiment's size (per job at once)."""
     s = exp.scaling
     container = group["template"]["spec"]["containers"][0]
     limits = container["resources"]["limits"]
+    template_gpus, template_cpus = int(limits["nvidia.com/gpu"]), int(limits["cpu"])
     if s.use_gpu:
-        per_node = max(1, gpus_per_node // int(s.gpus_per_worker))
-        gpus = min(s.num_workers, per_node) * int(s.gpus_per_worker)
-        limits["nvidia.com/gpu"] = str(gpus)
+        if not 0 < s.gpus_per_worker <= gpus_per_node:
+            raise ConfigError(f"scaling.gpus_per_worker: {s.gpus_per_worker:g} GPUs per worker cannot be placed on "
+                              f"nodes of {gpus_per_node} GPUs (--gpus-per-node)")
+        per_node = math.floor(gpus_per_node / s.gpus_per_worker)
+        limits["nvidia.com/gpu"] = str(math.ceil(min(workers, per_node) * s.gpus_per_worker))
     else:
-        per_node = s.num_workers
+        per_node = workers
         limits.pop("nvidia.com/gpu", None)
         group["template"]["spec"].pop("tolerations", None)
         group["groupName"] = "cpu-workers"
-    workers_on_node = min(s.num_workers, per_node)
+    workers_on_node = min(workers, per_node)
     cpus = math.ceil(workers_on_node * s.cpus_per_worker + 2)  # + data-loader and Ray overhead
     limits["cpu"] = str(cpus)
+    # memory and the /dev/shm volume scale with this node's GPUs (CPUs) over the template node's
+    share = int(limits["nvidia.com/gpu"]) / template_gpus if s.use_gpu else cpus / template_cpus
+    limits["memory"] = _scaled(limits["memory"], share)
+    for volume in group["template"]["spec"].get("volumes", []):
+        if volume.get("emptyDir", {}).get("sizeLimit"):
+            volume["emptyDir"]["sizeLimit"] = _scaled(volume["emptyDir"]["sizeLimit"], share)
     container["resources"]["requests"] = dict(limits)
-    nodes = math.ceil(s.num_workers / per_node)
+    nodes = math.ceil(workers / per_node)
     group["replicas"] = nodes
     group["minReplicas"] = 0
     group["maxReplicas"] = nodes * jobs_at_once
@@ -75,7 +94,8 @@ def render(kind: str, config: str, image: str, gpus_per_node: int = 8, extra: li
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
             container["image"] = image
-    _size_workers(spec["workerGroupSpecs"][0], exp, jobs_at_once, gpus_per_node)
+    workers = 1 if kind == "evaluate" else exp.scaling.num_workers  # evaluation is one task of a worker's size
+    _size_workers(spec["workerGroupSpecs"][0], exp, workers, jobs_at_once, gpus_per_node)
     command = " ".join(["python", ENTRYPOINTS[kind], "--config", str(relative), *(extra or [])])
     name = f"cliplab-{kind}-{exp.name}".lower().replace("_", "-").replace(".", "-")[:63].rstrip("-")
     return {
