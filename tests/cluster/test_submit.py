@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,43 +28,67 @@ pytestmark = pytest.mark.slow
 
 
 def _port() -> int:
+    """A free port above Ray's worker port range (10002-19999), as every port of a second Ray on a host must be."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _stop(pgid: int) -> None:
+    """Stop this head's processes only (its own process group): never `ray stop`, which stops every Ray here."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + grace
+        try:
+            os.killpg(pgid, sig)
+            while time.monotonic() < deadline:
+                os.killpg(pgid, 0)
+                time.sleep(0.5)
+        except ProcessLookupError:
+            return
+
+
 @pytest.fixture(scope="module")
 def ray_head(s3_server, tmp_path_factory):
-    """A Ray head of its own (own ports, own process group), with the venv first on PATH for the job driver."""
+    """A Ray head of its own (own ports, temp dir, token and process group), with the venv first on PATH for the
+    job driver. The token is the test's own: `RAY_AUTH_MODE=token ray start` refuses to start without one, and a
+    fresh machine has no ~/.ray/auth_token. The own temp dir keeps /tmp/ray/ray_current_cluster (what
+    `ray.init()` and `ray status` find) pointing at whatever Ray the host already runs."""
     from cliplab.embedded import create_bucket
 
     create_bucket(s3_server.endpoint, "job-e2e")
     write_synthscenes("s3://job-e2e/train", SynthSpec(num_samples=128, samples_per_shard=32, image_size=32))
     write_synthscenes("s3://job-e2e/val", SynthSpec(num_samples=32, samples_per_shard=16, image_size=32, seed=7))
+    token = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    temp_dir = tempfile.mkdtemp(prefix="cliplab-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     dashboard = _port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DS_ACCELERATOR": "cpu"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
            f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
            f"--dashboard-agent-grpc-port={_port()}", f"--metrics-export-port={_port()}",
            f"--runtime-env-agent-port={_port()}", f"--node-manager-port={_port()}",
-           f"--object-manager-port={_port()}", "--disable-usage-stats"]
+           f"--object-manager-port={_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # the job API answers once the dashboard's job module is up
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    yield address, {**env, "RAY_ADDRESS": address}
-    os.killpg(proc.pid, signal.SIGKILL)  # this head's processes only: never `ray stop` (other Rays on the host)
+    try:
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the job API answers once the dashboard's job module is up
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        yield address, {**env, "RAY_ADDRESS": address}
+    finally:
+        _stop(proc.pid)  # also after a failed start: whatever it left running goes
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _job_env(env: dict, tmp_path: Path) -> dict:
@@ -108,3 +135,4 @@ def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
     assert bad.returncode != 0
     assert "FAILED" in bad.stdout and "injected fault" in bad.stdout + bad.stderr
     assert "cliplab: error: job cliplab-train-" in bad.stderr
+
