@@ -100,7 +100,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     extra = (["--model", args.model] if args.model else []) + (["--run", args.run] if args.run else [])
     extra += ["--resume", args.resume] if args.resume else []
-    submit(args.kind, args.config, args.address, args.overrides, extra, args.env, wait=not args.no_wait)
+    submit(args.kind, args.config, args.address, args.overrides, extra, args.env, wait=not args.no_wait,
+           local_endpoints=not args.cluster_endpoints)
     return 0
 
 
@@ -204,6 +205,9 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("--run", help="evaluate: MLflow run id of the training run")
     sb.add_argument("--resume", help="train/sweep: resume this run or sweep")
     sb.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    sb.add_argument("--cluster-endpoints", action="store_true",
+                    help="send none of this shell's MLFLOW_TRACKING_URI / S3 endpoint / region: the cluster's own "
+                         "environment (its ConfigMap) applies")
     sb.set_defaults(func=cmd_submit)
 
     cl = sub.add_parser("cluster", help="KubeRay manifests").add_subparsers(dest="cluster", required=True)

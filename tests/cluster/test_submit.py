@@ -1,5 +1,6 @@
 """`ray job submit` and `cliplab submit` against a real Ray head started with `ray start --head` on 127.0.0.1
-(token auth on, as Ray 2.60 defaults): the job trains, MLflow holds its run; a failing job fails the command."""
+(token auth on, as Ray 2.60 defaults): the job trains, MLflow holds its run; a failing job fails the command;
+a client without the cluster's token is refused with a clear error."""
 
 from __future__ import annotations
 
@@ -136,3 +137,33 @@ def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
     assert "FAILED" in bad.stdout and "injected fault" in bad.stdout + bad.stderr
     assert "cliplab: error: job cliplab-train-" in bad.stderr
 
+
+def test_workers_import_the_submitted_cliplab(ray_head):
+    """Ray Train workers and tasks of a `cliplab submit` job run the uploaded code, not the image's install."""
+    from ray.job_submission import JobSubmissionClient
+
+    from cliplab.cluster.submit import runtime_env
+
+    address, env = ray_head
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    probe = ("import ray; ray.init(); "
+             "print('worker imports', ray.get(ray.remote(lambda: __import__('cliplab').__file__).remote()))")
+    job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env([]))
+    deadline = time.monotonic() + 300
+    while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert str(client.get_job_status(job)) == "SUCCEEDED", logs
+    imported = re.search(r"worker imports (\S+)", logs).group(1)
+    assert "/py_modules_files/" in imported and not imported.startswith(str(ROOT)), imported
+
+
+def test_cliplab_submit_without_the_cluster_token_is_refused_clearly(ray_head, tmp_path):
+    address, env = ray_head
+    env = {**_job_env(env, tmp_path), "RAY_AUTH_TOKEN": "not-the-token"}
+    proc = subprocess.run([sys.executable, "-m", "cliplab.cli", "submit", "train", str(ROOT / CONFIG), "--address",
+                           address], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"cliplab: error: --address {address}: Authentication failed" in proc.stderr
+    assert "RAY_AUTH_TOKEN" in proc.stderr and "Traceback" not in proc.stderr

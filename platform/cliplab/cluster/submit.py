@@ -1,7 +1,10 @@
 """`cliplab submit {train,sweep,evaluate} CONFIG --address URL`: a Ray job through the job submission SDK.
 
 The job runs `python jobs/<kind>.py --config CONFIG ...` in an uploaded copy of this repository
-(`working_dir`; `.git`, `.venv` and what `.gitignore` lists stay behind). Its environment carries endpoints
+(`working_dir`; `.git`, `.venv` and what `.gitignore` lists stay behind). The cliplab package of that copy also
+goes as a `py_module`, so Ray Train workers and tasks import the submitted code, as the driver does, rather than
+the copy installed in the cluster's image (the working dir itself is on their path, but cliplab lies under
+platform/ in it). Its environment carries endpoints
 only (S3 endpoint and region, MLflow URI); credentials reach the cluster through its own pods (a Kubernetes
 Secret), never through a runtime env that the dashboard shows, unless the user passes them with `--env`.
 Token auth: the client sends the token of RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
@@ -32,6 +35,14 @@ class JobFailed(CliplabError):
     """The submitted job ended in FAILED or STOPPED."""
 
 
+class SubmitError(CliplabError):
+    """The job server refused the client (token) or could not be reached; the message says what to do."""
+
+
+TOKEN_HINT = ("give this client the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+              "(KubeRay: kubectl get secret CLUSTER -o jsonpath='{.data.auth_token}' | base64 -d)")
+
+
 def enable_token_auth() -> None:
     """Send the token when one is configured (Ray's SDK only does so with RAY_AUTH_MODE=token)."""
     have_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
@@ -52,15 +63,17 @@ def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -
     return shlex.join(args)
 
 
-def runtime_env(env: list[str]) -> dict[str, Any]:
-    """working_dir + endpoints from this shell + the user's explicit `--env K=V` pairs."""
-    env_vars = {k: os.environ[k] for k in SHIPPED_ENV if os.environ.get(k)}
+def runtime_env(env: list[str], local_endpoints: bool = True) -> dict[str, Any]:
+    """working_dir and the cliplab package, endpoints from this shell (unless the cluster's own are wanted: a
+    port-forwarded http://127.0.0.1:5000 means nothing inside the cluster), the user's explicit `--env K=V`."""
+    env_vars = {k: os.environ[k] for k in SHIPPED_ENV if os.environ.get(k)} if local_endpoints else {}
     for pair in env:
         if "=" not in pair:
             raise ConfigError(f"--env {pair!r}: expected NAME=VALUE")
         key, value = pair.split("=", 1)
         env_vars[key] = value
-    return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+    return {"working_dir": str(ROOT), "py_modules": [str(ROOT / "platform" / "cliplab")], "excludes": EXCLUDES,
+            "env_vars": env_vars}
 
 
 def check_config(kind: str, config: str, overrides: list[str]) -> None:
@@ -82,17 +95,25 @@ async def _follow(client: Any, submission_id: str) -> None:
 
 
 def submit(kind: str, config: str, address: str, overrides: list[str], extra: list[str], env: list[str],
-           wait: bool = True) -> str:
+           wait: bool = True, local_endpoints: bool = True) -> str:
     """Submit, print the submission id, follow the logs until the job ends; raises JobFailed unless SUCCEEDED."""
     check_config(kind, config, overrides)
     enable_token_auth()
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
     submission_id = f"cliplab-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     command = entrypoint(kind, config, overrides, extra)
-    client.submit_job(entrypoint=command, submission_id=submission_id, runtime_env=runtime_env(env),
-                      metadata={"cliplab.kind": kind, "cliplab.config": config})
+    try:
+        client = JobSubmissionClient(address)
+        client.submit_job(entrypoint=command, submission_id=submission_id,
+                          runtime_env=runtime_env(env, local_endpoints),
+                          metadata={"cliplab.kind": kind, "cliplab.config": config})
+    except AuthenticationError as exc:
+        raise SubmitError(f"--address {address}: {str(exc).splitlines()[0]}; {TOKEN_HINT}") from None
+    except ConnectionError as exc:
+        raise SubmitError(f"--address {address}: no Ray job server answers there ({exc}); on KubeRay, "
+                          "kubectl port-forward svc/CLUSTER-head-svc 8265:8265 first") from None
     print(f"submitted {submission_id}: {command}", flush=True)
     if not wait:
         return submission_id

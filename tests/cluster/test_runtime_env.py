@@ -1,0 +1,34 @@
+"""What `cliplab submit` sends with a job: the repo and its cliplab package, endpoints only, `--env` on request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cliplab.cluster.submit import SHIPPED_ENV, runtime_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in SHIPPED_ENV:  # other tests' fixtures (the S3 endpoint) may have set some
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-secret")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "local-token")
+
+
+def test_the_repo_and_its_package_go_with_endpoints_but_no_credentials(shell: None) -> None:
+    env = runtime_env([])
+    assert env["working_dir"] == str(ROOT)
+    assert env["py_modules"] == [str(ROOT / "platform" / "cliplab")], "workers import the submitted cliplab"
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+
+
+def test_cluster_endpoints_send_only_what_env_names(shell: None) -> None:
+    env = runtime_env(["AWS_ACCESS_KEY_ID=AKIA-explicit"], local_endpoints=False)
+    assert env["env_vars"] == {"AWS_ACCESS_KEY_ID": "AKIA-explicit"}
