@@ -35,8 +35,11 @@ from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_st
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = CONFIGS / "demo.yaml"
-HOLISTIC = {"CLIP": CONFIGS / "clip_vit_demo.yaml", "holistic Psi_CLS": CONFIGS / "holistic_cls_demo.yaml",
-            "holistic Psi_MLP": CONFIGS / "holistic_mlp_demo.yaml"}
+HOLISTIC = {
+    "CLIP": CONFIGS / "clip_vit_demo.yaml",
+    "holistic Psi_CLS": CONFIGS / "holistic_cls_demo.yaml",
+    "holistic Psi_MLP": CONFIGS / "holistic_mlp_demo.yaml",
+}
 
 
 def _free_port() -> int:
@@ -46,8 +49,15 @@ def _free_port() -> int:
 
 
 def _single_process_group() -> None:
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        DS_ACCELERATOR="cpu",
+    )
     torch.distributed.init_process_group("gloo")
 
 
@@ -90,8 +100,9 @@ def bench_training(args: argparse.Namespace, shards: str) -> tuple[float, float]
     def plain(batch: dict) -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             out = model(image=batch["image"], text=batch["text"])
-        loss, _, _ = contrastive_loss(out["image_features"].float(), out["text_features"].float(),
-                                      out["logit_scale"].float())
+        loss, _, _ = contrastive_loss(
+            out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,8 +187,10 @@ def main() -> None:
         holistic = bench_holistic(args, local)
         s3_rate, local_rate = bench_loading(args, local, remote)
 
-    print(f"\ncliplab benchmarks (batch {args.batch}, ZeRO-{args.zero}, {args.precision}, "
-          f"{torch.get_num_threads()} threads, demo model)")
+    print(
+        f"\ncliplab benchmarks (batch {args.batch}, ZeRO-{args.zero}, {args.precision}, "
+        f"{torch.get_num_threads()} threads, demo model)"
+    )
     print(f"{'measure':<34}{'cliplab':>12}{'baseline':>12}{'ratio':>8}")
     print(f"{'train samples/s (vs plain torch)':<34}{ours:>12.1f}{plain:>12.1f}{ours / plain:>8.2f}")
     print(f"{'MCD step time / CLIP step time':<34}{1 / mcd:>12.4f}{1 / clip:>12.4f}{clip / mcd:>8.2f}")

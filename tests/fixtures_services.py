@@ -17,8 +17,13 @@ def ray_local(s3_server):
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True,
-             log_to_driver=True, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=max(2, os.cpu_count() or 2),
+        include_dashboard=True,
+        log_to_driver=True,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -36,7 +41,14 @@ def process_group():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DS_ACCELERATOR="cpu",
+        )
         torch.distributed.init_process_group("gloo")
     yield

@@ -13,8 +13,19 @@ def cliplab(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_shards_synth_then_inspect(tmp_path: Path) -> None:
-    made = cliplab("shards", "synth", str(tmp_path / "ds"), "--num-samples", "30", "--samples-per-shard", "10",
-                   "--image-size", "32", "--noisy-fraction", "0.2")
+    made = cliplab(
+        "shards",
+        "synth",
+        str(tmp_path / "ds"),
+        "--num-samples",
+        "30",
+        "--samples-per-shard",
+        "10",
+        "--image-size",
+        "32",
+        "--noisy-fraction",
+        "0.2",
+    )
     assert made.returncode == 0, made.stderr
     assert "wrote 30 samples in 3 shards" in made.stdout
     shown = cliplab("shards", "inspect", f"{tmp_path}/ds/{{00000..00002}}.tar", "--show", "2")

@@ -10,8 +10,9 @@ import yaml
 from cliplab.config import dump_yaml, load_experiment
 from cliplab.errors import ConfigError
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                 if not p.name.startswith("sweep_"))  # sweep files: tests/sweep
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("sweep_")
+)  # sweep files: tests/sweep
 
 
 def write(tmp_path: Path, tree: dict) -> Path:
@@ -21,8 +22,12 @@ def write(tmp_path: Path, tree: dict) -> Path:
 
 
 def base() -> dict:
-    return {"name": "t", "data": {"train_shards": "s3://b/{00000..00003}.tar"}, "model": {"name": "ViT-B-32"},
-            "train": {"steps": 10}}
+    return {
+        "name": "t",
+        "data": {"train_shards": "s3://b/{00000..00003}.tar"},
+        "model": {"name": "ViT-B-32"},
+        "train": {"steps": 10},
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -13,13 +13,22 @@ from cliplab.errors import CliplabError
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted field, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted field, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
 
 
 def _embedded_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--embedded", action="store_true",
-                   help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does")
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does",
+    )
     p.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
 
 
@@ -71,8 +80,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         outcome = run_sweep(sweep, base_tree, Path(args.config), resume=args.resume)
     print(trial_table(outcome.rows, list(sweep.space), sweep.metric))
     if outcome.best is not None:
-        print(f"\nbest trial {outcome.best.trial_id}: {sweep.metric} = {outcome.best.metric:.4f} at "
-              f"{outcome.best.point}; its config is best_config.yaml on the parent run")
+        print(
+            f"\nbest trial {outcome.best.trial_id}: {sweep.metric} = {outcome.best.metric:.4f} at "
+            f"{outcome.best.point}; its config is best_config.yaml on the parent run"
+        )
     print(f"sweep {outcome.name}: MLflow parent run {outcome.parent_run_id} at {outcome.tracking_uri}")
     return 0 if outcome.best is not None else 1
 
@@ -100,8 +111,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     extra = (["--model", args.model] if args.model else []) + (["--run", args.run] if args.run else [])
     extra += ["--resume", args.resume] if args.resume else []
-    submit(args.kind, args.config, args.address, args.overrides, extra, args.env, wait=not args.no_wait,
-           local_endpoints=not args.cluster_endpoints)
+    submit(
+        args.kind,
+        args.config,
+        args.address,
+        args.overrides,
+        extra,
+        args.env,
+        wait=not args.no_wait,
+        local_endpoints=not args.cluster_endpoints,
+    )
     return 0
 
 
@@ -143,8 +162,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from cliplab.data.synth import SynthSpec, write_synthscenes
 
-    spec = SynthSpec(num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
-                     image_size=args.image_size, noisy_fraction=args.noisy_fraction, seed=args.seed)
+    spec = SynthSpec(
+        num_samples=args.num_samples,
+        samples_per_shard=args.samples_per_shard,
+        image_size=args.image_size,
+        noisy_fraction=args.noisy_fraction,
+        seed=args.seed,
+    )
     urls = write_synthscenes(args.url, spec)
     print(f"wrote {spec.num_samples} samples in {len(urls)} shards: {urls[0]} ... {urls[-1]}")
     return 0
@@ -183,8 +207,14 @@ def parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of experiment fields, each trial a full training job")
     sw.add_argument("config", help="sweep YAML (see configs/sweep_*.yaml)")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field of the base experiment (not a swept one; repeatable)")
+    sw.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base experiment (not a swept one; repeatable)",
+    )
     sw.add_argument("--resume", metavar="SWEEP_NAME", help="resume this interrupted sweep")
     _embedded_args(sw)
     sw.set_defaults(func=cmd_sweep)
@@ -199,15 +229,23 @@ def parser() -> argparse.ArgumentParser:
     sb.add_argument("kind", choices=["train", "sweep", "evaluate"])
     _config_args(sb)
     sb.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
-    sb.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra job env var (credentials only this way, explicitly; repeatable)")
+    sb.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra job env var (credentials only this way, explicitly; repeatable)",
+    )
     sb.add_argument("--model", help="evaluate: export dir")
     sb.add_argument("--run", help="evaluate: MLflow run id of the training run")
     sb.add_argument("--resume", help="train/sweep: resume this run or sweep")
     sb.add_argument("--no-wait", action="store_true", help="print the submission id and return")
-    sb.add_argument("--cluster-endpoints", action="store_true",
-                    help="send none of this shell's MLFLOW_TRACKING_URI / S3 endpoint / region: the cluster's own "
-                         "environment (its ConfigMap) applies")
+    sb.add_argument(
+        "--cluster-endpoints",
+        action="store_true",
+        help="send none of this shell's MLFLOW_TRACKING_URI / S3 endpoint / region: the cluster's own "
+        "environment (its ConfigMap) applies",
+    )
     sb.set_defaults(func=cmd_submit)
 
     cl = sub.add_parser("cluster", help="KubeRay manifests").add_subparsers(dest="cluster", required=True)
@@ -228,8 +266,14 @@ def parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="same-budget runs of several configs as sibling MLflow runs")
     cmp.add_argument("configs", nargs="+", help="experiment YAMLs reading the same training shards")
-    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override applied to every config (repeatable)")
+    cmp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every config (repeatable)",
+    )
     _embedded_args(cmp)
     cmp.set_defaults(func=cmd_compare)
 

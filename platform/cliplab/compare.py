@@ -20,8 +20,16 @@ from cliplab.tracking.mlflow import experiment_id, resolve_tracking_uri
 from cliplab.train.trainer import TrainOutcome, run_training
 
 log = logging.getLogger("cliplab.compare")
-HEADLINE = ("zeroshot/colour/top1", "zeroshot/shape/top1", "retrieval/i2t_R1", "retrieval/t2i_R1",
-            "probe/spearman_scale", "probe/spearman_content", "samples_per_s", "loss")
+HEADLINE = (
+    "zeroshot/colour/top1",
+    "zeroshot/shape/top1",
+    "retrieval/i2t_R1",
+    "retrieval/t2i_R1",
+    "probe/spearman_scale",
+    "probe/spearman_content",
+    "samples_per_s",
+    "loss",
+)
 
 
 def compare(experiments: list[Experiment]) -> tuple[str, list[TrainOutcome]]:
@@ -32,9 +40,11 @@ def compare(experiments: list[Experiment]) -> tuple[str, list[TrainOutcome]]:
     first = experiments[0]
     uri = resolve_tracking_uri(first)
     client = MlflowClient(uri)
-    parent = client.create_run(experiment_id(client, first, uri),
-                               run_name=f"compare-{'-vs-'.join(e.name for e in experiments)}-{time.strftime('%H%M%S')}",
-                               tags={"cliplab.compare": ",".join(e.name for e in experiments)})
+    parent = client.create_run(
+        experiment_id(client, first, uri),
+        run_name=f"compare-{'-vs-'.join(e.name for e in experiments)}-{time.strftime('%H%M%S')}",
+        tags={"cliplab.compare": ",".join(e.name for e in experiments)},
+    )
     outcomes = []
     try:
         for exp in experiments:
@@ -66,8 +76,9 @@ def table(experiments: list[Experiment], outcomes: list[TrainOutcome]) -> str:
     return "\n".join(lines)
 
 
-def _log_summary(client: MlflowClient, parent: str, experiments: list[Experiment],
-                 outcomes: list[TrainOutcome]) -> None:
+def _log_summary(
+    client: MlflowClient, parent: str, experiments: list[Experiment], outcomes: list[TrainOutcome]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,8 +97,12 @@ def _log_summary(client: MlflowClient, parent: str, experiments: list[Experiment
         fig, ax = plt.subplots(figsize=(1.6 * len(shown) + 2, 4))
         width = 0.8 / len(outcomes)
         for i, (e, o) in enumerate(zip(experiments, outcomes, strict=True)):
-            ax.bar([j + i * width for j in range(len(shown))], [o.metrics.get(k, 0) for k in shown], width,
-                   label=f"{e.name} ({e.objective.name})")
+            ax.bar(
+                [j + i * width for j in range(len(shown))],
+                [o.metrics.get(k, 0) for k in shown],
+                width,
+                label=f"{e.name} ({e.objective.name})",
+            )
         ax.set_xticks([j + width * (len(outcomes) - 1) / 2 for j in range(len(shown))], shown, rotation=20, fontsize=8)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.legend(fontsize=8)

@@ -78,8 +78,9 @@ class DataConfig(Strict):
     crop_ratio: Range = (0.75, 4.0 / 3.0)
     hflip: bool = False
     caption_key: str = Field("txt", description="sample field that holds the caption")
-    captions: CaptionsConfig | None = Field(None, description="multi-caption slots (holistic objective, "
-                                            "per-perspective retrieval)")
+    captions: CaptionsConfig | None = Field(
+        None, description="multi-caption slots (holistic objective, per-perspective retrieval)"
+    )
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     seed: int = 0
 
@@ -93,8 +94,9 @@ class DataConfig(Strict):
 class BranchesConfig(Strict):
     """A multi-branch image tower (holistic.md "Multi-branch image encoders") on an open_clip ViT."""
 
-    design: Literal["cls", "mlp"] = Field(description="cls: M class tokens (Psi_CLS); mlp: M parallel MLP "
-                                          "output projections in the last blocks (Psi_MLP)")
+    design: Literal["cls", "mlp"] = Field(
+        description="cls: M class tokens (Psi_CLS); mlp: M parallel MLP output projections in the last blocks (Psi_MLP)"
+    )
     count: int = Field(ge=2, description="M image embeddings per image (one embedding: leave branches unset)")
     mlp_blocks: int = Field(3, ge=1, description="mlp design: how many final blocks get M c_proj branches")
 
@@ -245,8 +247,10 @@ class Experiment(Strict):
         if self.eval.zeroshot and not self.data.val_shards:
             raise ValueError("eval.zeroshot needs data.val_shards")
         if self.objective.params.get("distill_teacher") == "ema" and self.deepspeed.zero_stage == 3:
-            raise ValueError("objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
-                             "full copy on every rank)")
+            raise ValueError(
+                "objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
+                "full copy on every rank)"
+            )
         if self.objective.name == "holistic":
             self._check_holistic()
         return self
@@ -257,8 +261,10 @@ class Experiment(Strict):
         branches = self.model.branches.count if self.model.branches else 1
         slots = len(self.data.captions.slots)
         if branches > slots and self.objective.params.get("assignment", "fixed") == "fixed":
-            raise ValueError(f"model.branches.count {branches} > {slots} data.captions.slots: branches without "
-                             "a caption slot never train under objective.assignment fixed; add slots or use free")
+            raise ValueError(
+                f"model.branches.count {branches} > {slots} data.captions.slots: branches without "
+                "a caption slot never train under objective.assignment fixed; add slots or use free"
+            )
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of the whole config (MLflow params, sweep spaces)."""
@@ -331,8 +337,14 @@ def _describe(exc: ValidationError, source: str) -> str:
             msg = "unknown key (check the spelling; see `cliplab config schema`)"
         elif err["type"] == "missing":
             msg = "required field is missing"
-        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in ("missing",) and
-                                           not isinstance(err.get("input"), dict) else ""))
+        lines.append(
+            f"  {loc}: {msg}"
+            + (
+                f" (got {err['input']!r})"
+                if err["type"] not in ("missing",) and not isinstance(err.get("input"), dict)
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

@@ -51,12 +51,16 @@ def embedded_synthscenes(exp: Experiment, train_samples: int = TRAIN_SAMPLES) ->
         log.info("embedded S3 endpoint at %s, bucket %s", s3.endpoint, bucket)
         n_train = _shard_count(exp.data.train_shards)
         per_shard = train_samples // n_train
-        write_synthscenes(exp.data.train_shards.rsplit("/", 1)[0],
-                          SynthSpec(num_samples=per_shard * n_train, samples_per_shard=per_shard, seed=0))
+        write_synthscenes(
+            exp.data.train_shards.rsplit("/", 1)[0],
+            SynthSpec(num_samples=per_shard * n_train, samples_per_shard=per_shard, seed=0),
+        )
         if exp.data.val_shards:
             n_val = _shard_count(exp.data.val_shards)
-            write_synthscenes(exp.data.val_shards.rsplit("/", 1)[0],
-                              SynthSpec(num_samples=VAL_SAMPLES, samples_per_shard=VAL_SAMPLES // n_val, seed=10_000))
+            write_synthscenes(
+                exp.data.val_shards.rsplit("/", 1)[0],
+                SynthSpec(num_samples=VAL_SAMPLES, samples_per_shard=VAL_SAMPLES // n_val, seed=10_000),
+            )
         log.info("SynthScenes written in %.0fs", time.time() - started)
         yield s3.endpoint
 

@@ -66,8 +66,13 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 def create_bucket(endpoint: str, name: str) -> None:
     """Create a bucket on the endpoint (idempotent)."""
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if name not in existing:
         client.create_bucket(Bucket=name)

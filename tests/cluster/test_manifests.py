@@ -78,10 +78,15 @@ def test_images_and_versions_match_the_pinned_ray() -> None:
     assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
 
 
-RENDERED = {"rayjob-train.yaml": ("train", "configs/holistic_vitb16.yaml", []),
-            "rayjob-sweep.yaml": ("sweep", "configs/sweep_mcd_weights_cluster.yaml", []),
-            "rayjob-evaluate.yaml": ("evaluate", "configs/holistic_vitb16.yaml",
-                                     ["--model", "s3://my-bucket/cliplab-runs/RUN_NAME/export"])}
+RENDERED = {
+    "rayjob-train.yaml": ("train", "configs/holistic_vitb16.yaml", []),
+    "rayjob-sweep.yaml": ("sweep", "configs/sweep_mcd_weights_cluster.yaml", []),
+    "rayjob-evaluate.yaml": (
+        "evaluate",
+        "configs/holistic_vitb16.yaml",
+        ["--model", "s3://my-bucket/cliplab-runs/RUN_NAME/export"],
+    ),
+}
 EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
 
 
@@ -95,11 +100,13 @@ def _render(kind: str, config: str, extra: list[str]) -> dict:
 def test_committed_rayjobs_are_what_render_makes(name: str) -> None:
     kind, config, extra = RENDERED[name]
     assert yaml.safe_load((ROOT / "cluster" / name).read_text()) == _render(kind, config, extra), (
-        f"cluster/{name} is stale: cliplab cluster render {config} --kind {kind} {' '.join(extra)} > cluster/{name}")
+        f"cluster/{name} is stale: cliplab cluster render {config} --kind {kind} {' '.join(extra)} > cluster/{name}"
+    )
 
 
-@pytest.mark.parametrize("config", [*EXPERIMENTS, *sorted((ROOT / "configs").glob("sweep_*.yaml"))],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config", [*EXPERIMENTS, *sorted((ROOT / "configs").glob("sweep_*.yaml"))], ids=lambda p: p.name
+)
 def test_every_rendered_rayjob_validates(config: Path) -> None:
     kind = "sweep" if config.name.startswith("sweep_") else "train"
     doc = _render(kind, str(config.relative_to(ROOT)), [])

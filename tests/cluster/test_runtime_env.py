@@ -26,7 +26,10 @@ def test_the_repo_and_its_package_go_with_endpoints_but_no_credentials(shell: No
     env = runtime_env([])
     assert env["working_dir"] == str(ROOT)
     assert env["py_modules"] == [str(ROOT / "platform" / "cliplab")], "workers import the submitted cliplab"
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    assert env["env_vars"] == {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    }
 
 
 def test_cluster_endpoints_send_only_what_env_names(shell: None) -> None:

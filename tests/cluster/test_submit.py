@@ -63,18 +63,37 @@ def ray_head(s3_server, tmp_path_factory):
     token.write_text(secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="cliplab-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     dashboard = _port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DS_ACCELERATOR": "cpu",
+    }
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(key, None)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-           f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
-           f"--dashboard-agent-grpc-port={_port()}", f"--metrics-export-port={_port()}",
-           f"--runtime-env-agent-port={_port()}", f"--node-manager-port={_port()}",
-           f"--object-manager-port={_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--num-cpus=2",
+        f"--ray-client-server-port={_port()}",
+        f"--dashboard-agent-listen-port={_port()}",
+        f"--dashboard-agent-grpc-port={_port()}",
+        f"--metrics-export-port={_port()}",
+        f"--runtime-env-agent-port={_port()}",
+        f"--node-manager-port={_port()}",
+        f"--object-manager-port={_port()}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, out
@@ -105,13 +124,32 @@ def _runs(tmp_path: Path) -> list:
 def test_ray_job_submit_cli_trains_and_tracks(ray_head, tmp_path):
     address, env = ray_head
     env = _job_env(env, tmp_path)
-    runtime = {"env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
-                            if k in env}}
+    runtime = {
+        "env_vars": {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI") if k in env}
+    }
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime), "--", "python", "jobs/train.py", "--config", CONFIG,
-         "--set", f"storage.path={tmp_path / 'runs'}"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime),
+            "--",
+            "python",
+            "jobs/train.py",
+            "--config",
+            CONFIG,
+            "--set",
+            f"storage.path={tmp_path / 'runs'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", proc.stdout + proc.stderr), proc.stdout[-2000:]
@@ -123,16 +161,32 @@ def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
     address, env = ray_head
     env = _job_env(env, tmp_path)
     env.pop("RAY_AUTH_MODE")  # cliplab submit turns token auth on itself when a token is configured
-    base = [sys.executable, "-m", "cliplab.cli", "submit", "train", str(ROOT / CONFIG), "--address", address,
-            "--set", f"storage.path={tmp_path / 'runs'}"]
+    base = [
+        sys.executable,
+        "-m",
+        "cliplab.cli",
+        "submit",
+        "train",
+        str(ROOT / CONFIG),
+        "--address",
+        address,
+        "--set",
+        f"storage.path={tmp_path / 'runs'}",
+    ]
     ok = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:]
     assert "submitted cliplab-train-" in ok.stdout and "SUCCEEDED" in ok.stdout and "step 4/4" in ok.stdout
     (run,) = _runs(tmp_path)
     assert run.info.status == "FINISHED" and "loss" in run.data.metrics
 
-    bad = subprocess.run([*base, "--set", "train.crash_at_step=2", "--set", "scaling.max_failures=0"], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    bad = subprocess.run(
+        [*base, "--set", "train.crash_at_step=2", "--set", "scaling.max_failures=0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert bad.returncode != 0
     assert "FAILED" in bad.stdout and "injected fault" in bad.stdout + bad.stderr
     assert "cliplab: error: job cliplab-train-" in bad.stderr
@@ -147,8 +201,10 @@ def test_workers_import_the_submitted_cliplab(ray_head):
     address, env = ray_head
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
-    probe = ("import ray; ray.init(); "
-             "print('worker imports', ray.get(ray.remote(lambda: __import__('cliplab').__file__).remote()))")
+    probe = (
+        "import ray; ray.init(); "
+        "print('worker imports', ray.get(ray.remote(lambda: __import__('cliplab').__file__).remote()))"
+    )
     job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env([]))
     deadline = time.monotonic() + 300
     while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
@@ -162,8 +218,14 @@ def test_workers_import_the_submitted_cliplab(ray_head):
 def test_cliplab_submit_without_the_cluster_token_is_refused_clearly(ray_head, tmp_path):
     address, env = ray_head
     env = {**_job_env(env, tmp_path), "RAY_AUTH_TOKEN": "not-the-token"}
-    proc = subprocess.run([sys.executable, "-m", "cliplab.cli", "submit", "train", str(ROOT / CONFIG), "--address",
-                           address], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cliplab.cli", "submit", "train", str(ROOT / CONFIG), "--address", address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert f"cliplab: error: --address {address}: Authentication failed" in proc.stderr
     assert "RAY_AUTH_TOKEN" in proc.stderr and "Traceback" not in proc.stderr

@@ -33,8 +33,9 @@ def shards(tmp_path_factory) -> str:
 
 
 def cfg(spec: str, **kw) -> DataConfig:
-    return DataConfig(**{"train_shards": spec, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 20,
-                         "image_size": 32, **kw})
+    return DataConfig(
+        **{"train_shards": spec, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 20, "image_size": 32, **kw}
+    )
 
 
 def test_crop_box_reproduces_the_crop() -> None:
@@ -129,12 +130,19 @@ def test_foreign_img2dataset_shards_read_unchanged(tmp_path) -> None:
                 img = io.BytesIO()
                 Image.new("RGB", (50, 40), (10 * i, 80, 200)).save(img, format="JPEG")
                 key = f"{shard:05d}{i:04d}"
-                w.write({"__key__": key, "jpg": img.getvalue(), "txt": f"caption {key}",
-                         "json": json.dumps({"url": "http://x", "width": 50, "status": "success", "key": key})})
+                w.write(
+                    {
+                        "__key__": key,
+                        "jpg": img.getvalue(),
+                        "txt": f"caption {key}",
+                        "json": json.dumps({"url": "http://x", "width": 50, "status": "success", "key": key}),
+                    }
+                )
         (tmp_path / f"{shard:05d}_stats.json").write_text("{}")
         (tmp_path / f"{shard:05d}.parquet").write_bytes(b"PAR1")
-    loader, _ = make_train_loader(cfg(f"{tmp_path}/{{00000..00001}}.tar", batch_size=4, shuffle_buffer=0), TOK,
-                                  *NORM, 0, 1, None)
+    loader, _ = make_train_loader(
+        cfg(f"{tmp_path}/{{00000..00001}}.tar", batch_size=4, shuffle_buffer=0), TOK, *NORM, 0, 1, None
+    )
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["key"][0] == "000000000"
     assert batch["json"][0]["status"] == "success"

@@ -84,8 +84,15 @@ class Identity(torch.nn.Module):
 
 def _batches(rank: int) -> list[dict]:
     rows = {0: range(0, 5), 1: range(5, 7), 2: range(0)}[rank]  # unequal shares, one empty
-    out = [{"image": torch.full((1, 3), float(i)), "text": torch.full((1, 3), -float(i)), "key": [f"k{i:02d}"],
-            "json": [{"i": i}]} for i in rows]
+    out = [
+        {
+            "image": torch.full((1, 3), float(i)),
+            "text": torch.full((1, 3), -float(i)),
+            "key": [f"k{i:02d}"],
+            "json": [{"i": i}],
+        }
+        for i in rows
+    ]
     return out
 
 

@@ -23,15 +23,27 @@ VIT = {
 
 
 def experiment(tmp_path: Path, mlflow_uri: str, val: str):
-    return validate_tree({
-        "name": "offline", "data": {"train_shards": val, "val_shards": val,
-                                    "captions": {"slots": ["colour", "shape"]}},
-        "model": {"config": VIT, "branches": {"design": "cls", "count": 2}}, "train": {"steps": 1},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "tracking": {"tracking_uri": mlflow_uri},
-        "eval": {"max_samples": 24, "batch_size": 8, "zeroshot": [
-            {"name": "shape", "label_field": "labels.shape",
-             "classnames": ["circle", "square", "triangle", "star", "cross", "diamond"]}]},
-    })
+    return validate_tree(
+        {
+            "name": "offline",
+            "data": {"train_shards": val, "val_shards": val, "captions": {"slots": ["colour", "shape"]}},
+            "model": {"config": VIT, "branches": {"design": "cls", "count": 2}},
+            "train": {"steps": 1},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+            "tracking": {"tracking_uri": mlflow_uri},
+            "eval": {
+                "max_samples": 24,
+                "batch_size": 8,
+                "zeroshot": [
+                    {
+                        "name": "shape",
+                        "label_field": "labels.shape",
+                        "classnames": ["circle", "square", "triangle", "star", "cross", "diamond"],
+                    }
+                ],
+            },
+        }
+    )
 
 
 @pytest.mark.slow

@@ -79,8 +79,7 @@ def test_plain_open_clip_checkpoint_loads_into_shared_parts(tmp_path: Path, desi
     plain, _ = build_model(ModelConfig(config=VIT))
     path = tmp_path / "plain.pt"
     torch.save({"state_dict": plain.state_dict()}, path)
-    branched, _ = build_model(ModelConfig(config=VIT, pretrained=str(path),
-                                          branches={"design": design, "count": M}))
+    branched, _ = build_model(ModelConfig(config=VIT, pretrained=str(path), branches={"design": design, "count": M}))
     shared = {k: v for k, v in branched.state_dict().items() if k in plain.state_dict()}
     assert set(shared) == set(plain.state_dict())
     for key, value in shared.items():
@@ -98,8 +97,14 @@ def test_plain_open_clip_checkpoint_loads_into_shared_parts(tmp_path: Path, desi
 
 @pytest.mark.parametrize("design", ["cls", "mlp"])
 def test_export_loads_back_with_its_architecture(tmp_path: Path, design: str) -> None:
-    exp = validate_tree({"name": "x", "data": {"train_shards": "s3://b/0.tar"}, "train": {"steps": 1},
-                         "model": {"config": VIT, "branches": {"design": design, "count": M}}})
+    exp = validate_tree(
+        {
+            "name": "x",
+            "data": {"train_shards": "s3://b/0.tar"},
+            "train": {"steps": 1},
+            "model": {"config": VIT, "branches": {"design": design, "count": M}},
+        }
+    )
     model, _ = build_model(exp.model)
     export_open_clip(model.state_dict(), exp, tmp_path)
     loaded, pre, cfg = load_exported(str(tmp_path))

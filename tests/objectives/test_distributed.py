@@ -43,9 +43,13 @@ class Towers(torch.nn.Module):
 def global_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     lo = torch.rand(N, V, 2, generator=g) * 0.5
-    return {"image": torch.randn(N, D_IN, generator=g), "text": torch.randn(N, D_IN, generator=g),
-            "views": torch.randn(N, V, D_IN, generator=g), "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * N),
-            "view_boxes": torch.cat([lo, lo + 0.5], dim=-1)}
+    return {
+        "image": torch.randn(N, D_IN, generator=g),
+        "text": torch.randn(N, D_IN, generator=g),
+        "views": torch.randn(N, V, D_IN, generator=g),
+        "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * N),
+        "view_boxes": torch.cat([lo, lo + 0.5], dim=-1),
+    }
 
 
 def reference_grads(objective: str = "clip") -> tuple[float, dict[str, torch.Tensor]]:
@@ -80,8 +84,10 @@ def loss_worker(cfg: dict) -> None:
         p.grad /= world
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    torch.save({"loss": mean_loss.item() / world, "grads": {n: p.grad for n, p in model.named_parameters()}},
-               Path(cfg["out"]) / f"rank{rank}.pt")
+    torch.save(
+        {"loss": mean_loss.item() / world, "grads": {n: p.grad for n, p in model.named_parameters()}},
+        Path(cfg["out"]) / f"rank{rank}.pt",
+    )
     ray.train.report({"done": 1})
 
 
@@ -97,11 +103,17 @@ def accumulation_worker(cfg: dict) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     accum = cfg["accum"]
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        config={"train_micro_batch_size_per_gpu": N // world // accum, "gradient_accumulation_steps": accum,
-                "train_batch_size": N, "zero_optimization": {"stage": cfg["zero"]}, "steps_per_print": 10**9,
-                "gradient_clipping": 0.0,
-                "zero_allow_untested_optimizer": True},
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        config={
+            "train_micro_batch_size_per_gpu": N // world // accum,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": N,
+            "zero_optimization": {"stage": cfg["zero"]},
+            "steps_per_print": 10**9,
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+        },
     )
     local = _local(rank, world)
     mb = N // world // accum
@@ -120,7 +132,9 @@ def _fit(loop, cfg: dict, tmp_path: Path, workers: int = 2) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     TorchTrainer(
-        loop, train_loop_config=cfg, torch_config=TorchConfig(backend="gloo"),
+        loop,
+        train_loop_config=cfg,
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name=f"t-{tmp_path.name}", storage_path=str(tmp_path / "ray")),
     ).fit()

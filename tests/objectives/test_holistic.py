@@ -41,10 +41,12 @@ def reference_m2m(img: torch.Tensor, txt: torch.Tensor, s: float, fixed: torch.T
     n, branches, _ = img.shape
     total = 0.0
     for c in range(txt.shape[1]):
+
         def sigma(j: int, c: int = c) -> int:
             if c < branches and fixed[j, c]:
                 return c
             return int(max(range(branches), key=lambda m: float(img[j, m] @ txt[j, c])))
+
         for j in range(n):
             row = torch.stack([s * img[j, sigma(j)] @ txt[k, c] for k in range(n)])
             total += -torch.log_softmax(row, 0)[j].item() / 2
@@ -79,15 +81,20 @@ def test_objective_switches_and_logs_per_branch_terms() -> None:
     assert {"loss_i2t", "loss_t2i", "loss_branch0", "loss_branch2", "own_caption_frac"} <= set(terms)
     assert "loss_div" not in terms
     div_total, div_terms = build_objective("holistic", {"diversity": True, "diversity_margin": -1.0}).loss(
-        feats, torch.tensor([3.0]), batch)
+        feats, torch.tensor([3.0]), batch
+    )
     assert div_terms["loss_div"] > 0
     torch.testing.assert_close(div_total, plain_total + div_terms["loss_div"])
 
 
 def _tree(**model) -> dict:
-    return {"name": "h", "data": {"train_shards": "s3://b/0.tar", "captions": {"slots": ["colour", "shape"]}},
-            "train": {"steps": 1}, "objective": {"name": "holistic"},
-            "model": {"config": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}, **model}}
+    return {
+        "name": "h",
+        "data": {"train_shards": "s3://b/0.tar", "captions": {"slots": ["colour", "shape"]}},
+        "train": {"steps": 1},
+        "objective": {"name": "holistic"},
+        "model": {"config": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}, **model},
+    }
 
 
 def test_config_refuses_holistic_without_slots_or_with_untrained_branches() -> None:
@@ -117,14 +124,20 @@ class BranchTowers(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor([2.0]))
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict:
-        return {"image_features": F.normalize(self.img(image).view(-1, M, D), dim=-1),
-                "text_features": F.normalize(self.txt(text), dim=-1), "logit_scale": self.logit_scale.exp()}
+        return {
+            "image_features": F.normalize(self.img(image).view(-1, M, D), dim=-1),
+            "text_features": F.normalize(self.txt(text), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
 
 
 def global_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"image": torch.randn(N, D_IN, generator=g), "texts": torch.randn(N, C, D_IN, generator=g),
-            "caption_own": torch.rand(N, C, generator=g) > 0.25}
+    return {
+        "image": torch.randn(N, D_IN, generator=g),
+        "texts": torch.randn(N, C, D_IN, generator=g),
+        "caption_own": torch.rand(N, C, generator=g) > 0.25,
+    }
 
 
 def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -160,7 +173,9 @@ def test_two_workers_match_the_single_process_loss_on_the_global_batch(ray_local
     from ray.train.torch import TorchConfig, TorchTrainer
 
     TorchTrainer(
-        loss_worker, train_loop_config={"out": str(tmp_path)}, torch_config=TorchConfig(backend="gloo"),
+        loss_worker,
+        train_loop_config={"out": str(tmp_path)},
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name=f"h-{tmp_path.name}", storage_path=str(tmp_path / "ray")),
     ).fit()

@@ -30,8 +30,9 @@ def test_misalignment_from_boxes() -> None:
     assert misalignment(views[:, :1], small).item() == 0
     assert misalignment(views[:, :1], small, scale="iou").item() == pytest.approx(0.75)
     jitter = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
-    torch.testing.assert_close(misalignment(views, anchor, jitter=jitter, colour_weight=0.2),
-                               torch.tensor([[0.0, 0.7, 0.95, 0.95]]))
+    torch.testing.assert_close(
+        misalignment(views, anchor, jitter=jitter, colour_weight=0.2), torch.tensor([[0.0, 0.7, 0.95, 0.95]])
+    )
 
 
 def test_more_content_removed_means_larger_target_distance() -> None:
@@ -49,8 +50,7 @@ def test_more_content_removed_means_larger_target_distance() -> None:
     d = 0.1 * target / target[0]
     optimal = log_ratio_loss(embedding_at(d[0]), torch.stack([embedding_at(d[1]), embedding_at(d[2])], 1), text, m, eps)
     assert optimal.item() == pytest.approx(0.0, abs=1e-6)
-    swapped = log_ratio_loss(embedding_at(d[0]), torch.stack([embedding_at(d[2]), embedding_at(d[1])], 1), text, m,
-                             eps)
+    swapped = log_ratio_loss(embedding_at(d[0]), torch.stack([embedding_at(d[2]), embedding_at(d[1])], 1), text, m, eps)
     assert swapped.item() > 0.1
 
 
@@ -85,8 +85,10 @@ def test_objective_logs_every_term_and_refuses_missing_views() -> None:
     objective = McdObjective(params)
     b, v = 4, 2
     feats = {"image": unit(b, 8), "text": unit(b, 8, seed=1), "views": unit(b, v, 8, seed=2)}
-    batch = {"crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b),
-             "view_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]] * b)}
+    batch = {
+        "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b),
+        "view_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]] * b),
+    }
     total, terms = objective.loss(feats, torch.tensor([3.0]), batch)
     assert set(terms) == {"loss_clip", "loss_contrast", "loss_distill", "misalignment_mean"}
     expected = terms["loss_clip"] + terms["loss_contrast"] + terms["loss_distill"]
@@ -105,21 +107,34 @@ def test_ema_teacher_follows_the_student_slowly(process_group) -> None:
     from cliplab.objectives import build_objective
     from cliplab.train.engine import build_engine, contrastive_step
 
-    tiny = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
-                                            "head_width": 16},
-            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
-    exp = validate_tree({"name": "ema", "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4},
-                         "model": {"config": tiny}, "objective": {"name": "mcd", "distill_teacher": "ema",
-                                                                  "ema_decay": 0.5},
-                         "optim": {"lr": 0.05, "warmup_steps": 0}, "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-                         "train": {"steps": 5}, "scaling": {"num_workers": 1}})
+    tiny = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    exp = validate_tree(
+        {
+            "name": "ema",
+            "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4},
+            "model": {"config": tiny},
+            "objective": {"name": "mcd", "distill_teacher": "ema", "ema_decay": 0.5},
+            "optim": {"lr": 0.05, "warmup_steps": 0},
+            "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+            "train": {"steps": 5},
+            "scaling": {"num_workers": 1},
+        }
+    )
     model, _ = build_model(exp.model)
     engine = build_engine(model, exp, world_size=1)
     objective = build_objective("mcd", exp.objective.params)
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(4, 3, 16, 16, generator=g), "text": torch.randint(1, 400, (4, 8), generator=g),
-             "views": torch.randn(4, 2, 3, 16, 16, generator=g), "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4),
-             "view_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 1.0, 1.0]]] * 4)}
+    batch = {
+        "image": torch.randn(4, 3, 16, 16, generator=g),
+        "text": torch.randint(1, 400, (4, 8), generator=g),
+        "views": torch.randn(4, 2, 3, 16, 16, generator=g),
+        "crop_box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4),
+        "view_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 1.0, 1.0]]] * 4),
+    }
     weight = engine.module.visual.conv1.weight
     w0 = safe_get_full_fp32_param(weight).clone()
     contrastive_step(engine, objective, [batch])
@@ -135,6 +150,13 @@ def test_ema_teacher_is_refused_at_zero3() -> None:
     from cliplab.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"distill_teacher: ema needs deepspeed\.zero_stage"):
-        validate_tree({"name": "x", "data": {"train_shards": "x/{0..1}.tar"}, "model": {"name": "ViT-B-32"},
-                       "objective": {"name": "mcd", "distill_teacher": "ema"}, "deepspeed": {"zero_stage": 3},
-                       "train": {"steps": 1}})
+        validate_tree(
+            {
+                "name": "x",
+                "data": {"train_shards": "x/{0..1}.tar"},
+                "model": {"name": "ViT-B-32"},
+                "objective": {"name": "mcd", "distill_teacher": "ema"},
+                "deepspeed": {"zero_stage": 3},
+                "train": {"steps": 1},
+            }
+        )

@@ -43,9 +43,14 @@ def sweep_bucket(s3_server) -> str:
 def write_configs(tmp_path: Path, mlflow_uri: str, space: dict, **sweep) -> Path:
     base = {
         "name": "sw",
-        "data": {"train_shards": "s3://sweep-e2e/train/{00000..00003}.tar",
-                 "val_shards": "s3://sweep-e2e/val/{00000..00001}.tar",
-                 "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16, "image_size": 32},
+        "data": {
+            "train_shards": "s3://sweep-e2e/train/{00000..00003}.tar",
+            "val_shards": "s3://sweep-e2e/val/{00000..00001}.tar",
+            "batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 16,
+            "image_size": 32,
+        },
         "model": {"config": TINY_MODEL},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
         "deepspeed": {"zero_stage": 1, "precision": "fp32"},
@@ -56,8 +61,16 @@ def write_configs(tmp_path: Path, mlflow_uri: str, space: dict, **sweep) -> Path
         "eval": {"every_steps": 2, "max_samples": 32, "batch_size": 16},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": "tiny", "base": "base.yaml", "space": space, "metric": "retrieval/i2t_R1", "mode": "max",
-            "scheduler": {"name": "asha", "grace_period": 2}, "max_concurrent": 1, **sweep}
+    spec = {
+        "name": "tiny",
+        "base": "base.yaml",
+        "space": space,
+        "metric": "retrieval/i2t_R1",
+        "mode": "max",
+        "scheduler": {"name": "asha", "grace_period": 2},
+        "max_concurrent": 1,
+        **sweep,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -65,9 +78,12 @@ def write_configs(tmp_path: Path, mlflow_uri: str, space: dict, **sweep) -> Path
 
 @pytest.mark.slow
 def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucket, tmp_path, mlflow_uri):
-    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"loguniform": [1e-4, 1e-2]},
-                                                "train.crash_at_step": {"grid": [None, 3]}},
-                         scheduler={"name": "fifo"})  # no early stop: both trials run to their end or fault
+    path = write_configs(
+        tmp_path,
+        mlflow_uri,
+        {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "train.crash_at_step": {"grid": [None, 3]}},
+        scheduler={"name": "fifo"},
+    )  # no early stop: both trials run to their end or fault
     sweep, base_tree = load_sweep(path)
     outcome = run_sweep(sweep, base_tree, path)
 
@@ -82,17 +98,24 @@ def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucke
     assert parent.info.status == "FINISHED" and parent.data.params["sweep.metric"] == "retrieval/i2t_R1"
     assert parent.data.metrics["trials/error"] == 1 and parent.data.metrics["trials/terminated"] == 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
-        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"sweep.yaml", "results.csv", "best_config.yaml", "plots/metric_vs_fields.png",
-            "plots/parallel_coordinates.png"} <= artifacts
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")
+    }
+    assert {
+        "sweep.yaml",
+        "results.csv",
+        "best_config.yaml",
+        "plots/metric_vs_fields.png",
+        "plots/parallel_coordinates.png",
+    } <= artifacts
     best_cfg = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "best_config.yaml")).read_text())
     assert best_cfg["optim"]["lr"] == pytest.approx(by_crash[None].point["optim.lr"])
     validate_tree(best_cfg)
     with open(client.download_artifacts(parent.info.run_id, "results.csv")) as f:
         assert {row["status"] for row in csv.DictReader(f)} == {"ERROR", "TERMINATED"}
 
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert len(children) == 2
     plain_params = set(params_of(validate_tree(base_tree)))
     for child in children:
@@ -111,12 +134,12 @@ def test_interrupted_sweep_resumes_without_duplicate_children(ray_local, sweep_b
     """Kill the sweep's driver once the first trial finished, resume it by name: 3 children, all finished."""
     import ray
 
-    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}},
-                         scheduler={"name": "fifo"})
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}}, scheduler={"name": "fifo"})
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cliplab.cli", "sweep", str(path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     client = MlflowClient(mlflow_uri)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -145,9 +168,15 @@ def test_interrupted_sweep_resumes_without_duplicate_children(ray_local, sweep_b
 
 @pytest.mark.slow
 def test_optuna_search_samples_within_the_space(ray_local, sweep_bucket, tmp_path, mlflow_uri):
-    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"loguniform": [1e-4, 1e-2]},
-                                                "objective.name": {"choice": ["clip"]}},
-                         search="optuna", num_samples=2, scheduler={"name": "fifo"}, max_concurrent=2)
+    path = write_configs(
+        tmp_path,
+        mlflow_uri,
+        {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "objective.name": {"choice": ["clip"]}},
+        search="optuna",
+        num_samples=2,
+        scheduler={"name": "fifo"},
+        max_concurrent=2,
+    )
     sweep, base_tree = load_sweep(path)
     outcome = run_sweep(sweep, base_tree, path)
     assert [r.status for r in outcome.rows] == ["TERMINATED", "TERMINATED"]

@@ -21,12 +21,17 @@ TINY = {
 
 
 def exp_with(**train):
-    return validate_tree({
-        "name": "eng", "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4}, "model": {"config": TINY},
-        "optim": {"lr": 0.1, "warmup_steps": 2, "min_lr_ratio": 0.1},
-        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-        "train": {"steps": 10, **train}, "scaling": {"num_workers": 1},
-    })
+    return validate_tree(
+        {
+            "name": "eng",
+            "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4},
+            "model": {"config": TINY},
+            "optim": {"lr": 0.1, "warmup_steps": 2, "min_lr_ratio": 0.1},
+            "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+            "train": {"steps": 10, **train},
+            "scaling": {"num_workers": 1},
+        }
+    )
 
 
 def batch(n: int = 4) -> dict:

@@ -42,9 +42,14 @@ def synth_bucket(s3_server) -> str:
 def experiment(tmp_path: Path, mlflow_uri: str, **sections):
     tree = {
         "name": "e2e",
-        "data": {"train_shards": "s3://train-e2e/train/{00000..00003}.tar",
-                 "val_shards": "s3://train-e2e/val/{00000..00001}.tar",
-                 "batch_size": 8, "num_workers": 1, "shuffle_buffer": 32, "image_size": 32},
+        "data": {
+            "train_shards": "s3://train-e2e/train/{00000..00003}.tar",
+            "val_shards": "s3://train-e2e/val/{00000..00001}.tar",
+            "batch_size": 8,
+            "num_workers": 1,
+            "shuffle_buffer": 32,
+            "image_size": 32,
+        },
         "model": {"config": TINY_MODEL},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "deepspeed": {"zero_stage": 2, "precision": "fp32"},
@@ -52,19 +57,30 @@ def experiment(tmp_path: Path, mlflow_uri: str, **sections):
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},
         "storage": {"path": f"s3://train-e2e/runs/{tmp_path.name}"},
         "tracking": {"tracking_uri": mlflow_uri, "experiment": "e2e"},
-        "eval": {"every_steps": 6, "max_samples": 64, "batch_size": 32, "zeroshot": [
-            {"name": "colour", "label_field": "labels.colour",
-             "classnames": ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]}]},
+        "eval": {
+            "every_steps": 6,
+            "max_samples": 64,
+            "batch_size": 32,
+            "zeroshot": [
+                {
+                    "name": "colour",
+                    "label_field": "labels.colour",
+                    "classnames": ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"],
+                }
+            ],
+        },
     }
     for section, values in sections.items():
         tree[section] = {**tree.get(section, {}), **values}
     return validate_tree(tree, "test")
 
 
-@pytest.mark.parametrize(("zero", "precision", "objective"), [(1, "fp32", "clip"), (2, "bf16", "mcd"),
-                                                              (3, "fp32", "clip")])
-def test_train_tracks_checkpoints_and_exports(ray_local, synth_bucket, tmp_path, mlflow_uri, zero, precision,
-                                              objective):
+@pytest.mark.parametrize(
+    ("zero", "precision", "objective"), [(1, "fp32", "clip"), (2, "bf16", "mcd"), (3, "fp32", "clip")]
+)
+def test_train_tracks_checkpoints_and_exports(
+    ray_local, synth_bucket, tmp_path, mlflow_uri, zero, precision, objective
+):
     sections = {"deepspeed": {"zero_stage": zero, "precision": precision}, "objective": {"name": objective}}
     if zero == 3:  # uneven eval shares (32 + 31 samples in batches of 31): rank 0 encodes 2 batches, rank 1 one
         sections["eval"] = {"max_samples": 63, "batch_size": 31}
@@ -78,12 +94,23 @@ def test_train_tracks_checkpoints_and_exports(ray_local, synth_bucket, tmp_path,
     assert run.data.tags["objective"] == objective and run.data.tags["model"] == "inline"
     assert run.data.params["deepspeed.zero_stage"] == str(zero)
     first_term = "loss_i2t" if objective == "clip" else "loss_clip"
-    for key in ("loss", first_term, "lr", "logit_scale", "samples_per_s", "data_wait_frac", "tflops_per_s",
-                "data/skipped_samples", "zeroshot/colour/top1", "retrieval/i2t_R1"):
+    for key in (
+        "loss",
+        first_term,
+        "lr",
+        "logit_scale",
+        "samples_per_s",
+        "data_wait_frac",
+        "tflops_per_s",
+        "data/skipped_samples",
+        "zeroshot/colour/top1",
+        "retrieval/i2t_R1",
+    ):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
-        a.path for d in ("plots", "model") for a in client.list_artifacts(run.info.run_id, d)}
+        a.path for d in ("plots", "model") for a in client.list_artifacts(run.info.run_id, d)
+    }
     assert {"config.yaml", "plots/loss_curve.png", "model/open_clip_model.pt", "model/cliplab-e2e.json"} <= artifacts
     if objective == "mcd":
         for key in ("loss_clip", "loss_contrast", "loss_distill", "probe/spearman_scale", "probe/spearman_content"):
@@ -128,8 +155,12 @@ def test_corrupt_sample_and_shard_are_skipped_and_counted(ray_local, synth_bucke
     fs.pipe_file(f"{bad}/00001.tar", cut_inside_member(fs.cat_file(f"{base}/00001.tar")))
     for i in (2, 3):
         fs.copy(f"{base}/0000{i}.tar", f"{bad}/0000{i}.tar")
-    exp = experiment(tmp_path, mlflow_uri, data={"train_shards": f"{bad}/{{00000..00003}}.tar"},
-                     train={"steps": 12, "log_every": 4, "checkpoint_every": 12})
+    exp = experiment(
+        tmp_path,
+        mlflow_uri,
+        data={"train_shards": f"{bad}/{{00000..00003}}.tar"},
+        train={"steps": 12, "log_every": 4, "checkpoint_every": 12},
+    )
     outcome = run_training(exp)
     metrics = MlflowClient(mlflow_uri).get_run(outcome.mlflow_run_id).data.metrics
     assert metrics["data/skipped_samples"] >= 1
@@ -138,10 +169,19 @@ def test_corrupt_sample_and_shard_are_skipped_and_counted(ray_local, synth_bucke
 
 def test_invalid_config_is_refused_before_any_worker(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(json.dumps({"name": "x", "data": {"train_shards": "s3://b/{0..1}.tar", "batch_size": -4},
-                               "model": {"name": "ViT-B-32"}, "train": {"steps": 10, "lr": 0.1}}))
-    proc = subprocess.run([sys.executable, "-m", "cliplab.cli", "train", str(bad)], capture_output=True, text=True,
-                          timeout=120)
+    bad.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "data": {"train_shards": "s3://b/{0..1}.tar", "batch_size": -4},
+                "model": {"name": "ViT-B-32"},
+                "train": {"steps": 10, "lr": 0.1},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "cliplab.cli", "train", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert str(bad) in proc.stderr
     assert "data.batch_size" in proc.stderr and "train.lr: unknown key" in proc.stderr
@@ -152,9 +192,12 @@ def test_invalid_config_is_refused_before_any_worker(tmp_path):
 def test_holistic_multi_branch_model_trains(ray_local, synth_bucket, tmp_path, mlflow_uri, design, zero, precision):
     slots = ["colour", "shape", "count"]
     exp = experiment(
-        tmp_path, mlflow_uri, objective={"name": "holistic", "diversity": True},
+        tmp_path,
+        mlflow_uri,
+        objective={"name": "holistic", "diversity": True},
         model={"branches": {"design": design, "count": 3, "mlp_blocks": 1}},
-        data={"captions": {"slots": slots}}, deepspeed={"zero_stage": zero, "precision": precision},
+        data={"captions": {"slots": slots}},
+        deepspeed={"zero_stage": zero, "precision": precision},
         eval={"max_samples": 63, "batch_size": 31},
     )
     outcome = run_training(exp)
@@ -162,8 +205,18 @@ def test_holistic_multi_branch_model_trains(ray_local, synth_bucket, tmp_path, m
     client = MlflowClient(mlflow_uri)
     run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.branches.design"] == design
-    for key in ("loss", "loss_branch0", "loss_branch2", "loss_div", "zeroshot/colour/top1", "retrieval/i2t_R1",
-                "retrieval/colour/i2t_R1", "retrieval/count/t2i_R1", "branch0/colour/i2t_R1", "branch2/count/t2i_R1"):
+    for key in (
+        "loss",
+        "loss_branch0",
+        "loss_branch2",
+        "loss_div",
+        "zeroshot/colour/top1",
+        "retrieval/i2t_R1",
+        "retrieval/colour/i2t_R1",
+        "retrieval/count/t2i_R1",
+        "branch0/colour/i2t_R1",
+        "branch2/count/t2i_R1",
+    ):
         assert key in run.data.metrics, key
     assert run.data.metrics["own_caption_frac"] == 1.0
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

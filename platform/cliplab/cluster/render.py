@@ -43,8 +43,7 @@ def _scaled(quantity: str, share: float) -> str:
     return f"{max(1, math.ceil(float(quantity[:-2]) * share))}Gi"
 
 
-def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_once: int,
-                  gpus_per_node: int) -> None:
+def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_once: int, gpus_per_node: int) -> None:
     """Nodes, and each node's limits, for `workers` Ray workers of the experiment's size (per job at once)."""
     s = exp.scaling
     container = group["template"]["spec"]["containers"][0]
@@ -52,8 +51,10 @@ def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_
     template_gpus, template_cpus = int(limits["nvidia.com/gpu"]), int(limits["cpu"])
     if s.use_gpu:
         if not 0 < s.gpus_per_worker <= gpus_per_node:
-            raise ConfigError(f"scaling.gpus_per_worker: {s.gpus_per_worker:g} GPUs per worker cannot be placed on "
-                              f"nodes of {gpus_per_node} GPUs (--gpus-per-node)")
+            raise ConfigError(
+                f"scaling.gpus_per_worker: {s.gpus_per_worker:g} GPUs per worker cannot be placed on "
+                f"nodes of {gpus_per_node} GPUs (--gpus-per-node)"
+            )
         per_node = math.floor(gpus_per_node / s.gpus_per_worker)
         limits["nvidia.com/gpu"] = str(math.ceil(min(workers, per_node) * s.gpus_per_worker))
     else:
@@ -77,8 +78,14 @@ def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_
     group["maxReplicas"] = nodes * jobs_at_once
 
 
-def render(kind: str, config: str, image: str, gpus_per_node: int = 8, extra: list[str] | None = None,
-           active_deadline_s: int = 7 * 24 * 3600) -> dict[str, Any]:
+def render(
+    kind: str,
+    config: str,
+    image: str,
+    gpus_per_node: int = 8,
+    extra: list[str] | None = None,
+    active_deadline_s: int = 7 * 24 * 3600,
+) -> dict[str, Any]:
     """The RayJob manifest (a dict) for `kind` of CONFIG (a path inside the repository)."""
     if kind not in ENTRYPOINTS:
         raise ConfigError(f"cluster render: kind must be one of {sorted(ENTRYPOINTS)}, got {kind!r}")
@@ -86,8 +93,9 @@ def render(kind: str, config: str, image: str, gpus_per_node: int = 8, extra: li
     try:
         relative = path.relative_to(ROOT)
     except ValueError:
-        raise ConfigError(f"{config}: render a config inside the repository ({ROOT}); the image holds that copy") \
-            from None
+        raise ConfigError(
+            f"{config}: render a config inside the repository ({ROOT}); the image holds that copy"
+        ) from None
     exp, jobs_at_once = _experiment(kind, path)
     cluster = yaml.safe_load(TEMPLATE.read_text())
     spec = copy.deepcopy(cluster["spec"])

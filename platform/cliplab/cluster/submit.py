@@ -25,8 +25,14 @@ from cliplab.errors import CliplabError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 ENTRYPOINTS = {"train": "jobs/train.py", "sweep": "jobs/sweep.py", "evaluate": "jobs/evaluate.py"}
-SHIPPED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI")
+SHIPPED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+)
 EXCLUDES = [".git", ".venv", "**/__pycache__", "cliplab-demo", "mlruns", "mlartifacts", "*.db"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -39,14 +45,19 @@ class SubmitError(CliplabError):
     """The job server refused the client (token) or could not be reached; the message says what to do."""
 
 
-TOKEN_HINT = ("give this client the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
-              "(KubeRay: kubectl get secret CLUSTER -o jsonpath='{.data.auth_token}' | base64 -d)")
+TOKEN_HINT = (
+    "give this client the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+    "(KubeRay: kubectl get secret CLUSTER -o jsonpath='{.data.auth_token}' | base64 -d)"
+)
 
 
 def enable_token_auth() -> None:
     """Send the token when one is configured (Ray's SDK only does so with RAY_AUTH_MODE=token)."""
-    have_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
-        Path.home() / ".ray" / "auth_token").exists()
+    have_token = (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").exists()
+    )
     if have_token:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
@@ -57,8 +68,10 @@ def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -
     try:
         relative = path.relative_to(ROOT)
     except ValueError:
-        raise ConfigError(f"{config}: a submitted config must live inside the repository ({ROOT}), "
-                          "which is what the job's working directory holds") from None
+        raise ConfigError(
+            f"{config}: a submitted config must live inside the repository ({ROOT}), "
+            "which is what the job's working directory holds"
+        ) from None
     args = ["python", ENTRYPOINTS[kind], "--config", str(relative), *(f"--set={o}" for o in overrides), *extra]
     return shlex.join(args)
 
@@ -72,8 +85,12 @@ def runtime_env(env: list[str], local_endpoints: bool = True) -> dict[str, Any]:
             raise ConfigError(f"--env {pair!r}: expected NAME=VALUE")
         key, value = pair.split("=", 1)
         env_vars[key] = value
-    return {"working_dir": str(ROOT), "py_modules": [str(ROOT / "platform" / "cliplab")], "excludes": EXCLUDES,
-            "env_vars": env_vars}
+    return {
+        "working_dir": str(ROOT),
+        "py_modules": [str(ROOT / "platform" / "cliplab")],
+        "excludes": EXCLUDES,
+        "env_vars": env_vars,
+    }
 
 
 def check_config(kind: str, config: str, overrides: list[str]) -> None:
@@ -94,8 +111,16 @@ async def _follow(client: Any, submission_id: str) -> None:
         sys.stdout.flush()
 
 
-def submit(kind: str, config: str, address: str, overrides: list[str], extra: list[str], env: list[str],
-           wait: bool = True, local_endpoints: bool = True) -> str:
+def submit(
+    kind: str,
+    config: str,
+    address: str,
+    overrides: list[str],
+    extra: list[str],
+    env: list[str],
+    wait: bool = True,
+    local_endpoints: bool = True,
+) -> str:
     """Submit, print the submission id, follow the logs until the job ends; raises JobFailed unless SUCCEEDED."""
     check_config(kind, config, overrides)
     enable_token_auth()
@@ -106,14 +131,19 @@ def submit(kind: str, config: str, address: str, overrides: list[str], extra: li
     command = entrypoint(kind, config, overrides, extra)
     try:
         client = JobSubmissionClient(address)
-        client.submit_job(entrypoint=command, submission_id=submission_id,
-                          runtime_env=runtime_env(env, local_endpoints),
-                          metadata={"cliplab.kind": kind, "cliplab.config": config})
+        client.submit_job(
+            entrypoint=command,
+            submission_id=submission_id,
+            runtime_env=runtime_env(env, local_endpoints),
+            metadata={"cliplab.kind": kind, "cliplab.config": config},
+        )
     except AuthenticationError as exc:
         raise SubmitError(f"--address {address}: {str(exc).splitlines()[0]}; {TOKEN_HINT}") from None
     except ConnectionError as exc:
-        raise SubmitError(f"--address {address}: no Ray job server answers there ({exc}); on KubeRay, "
-                          "kubectl port-forward svc/CLUSTER-head-svc 8265:8265 first") from None
+        raise SubmitError(
+            f"--address {address}: no Ray job server answers there ({exc}); on KubeRay, "
+            "kubectl port-forward svc/CLUSTER-head-svc 8265:8265 first"
+        ) from None
     print(f"submitted {submission_id}: {command}", flush=True)
     if not wait:
         return submission_id

@@ -19,8 +19,9 @@ from cliplab.config import DataConfig
 Box = tuple[float, float, float, float]
 
 
-def sample_crop(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-                rng: random.Random) -> tuple[int, int, int, int]:
+def sample_crop(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop): pixel box (x0, y0, x1, y1)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -44,8 +45,9 @@ def sample_crop(width: int, height: int, scale: Sequence[float], ratio: Sequence
     return x0, y0, x0 + w, y0 + h
 
 
-def random_resized_crop(img: Image.Image, size: int, scale: Sequence[float], ratio: Sequence[float],
-                        rng: random.Random) -> tuple[Image.Image, Box]:
+def random_resized_crop(
+    img: Image.Image, size: int, scale: Sequence[float], ratio: Sequence[float], rng: random.Random
+) -> tuple[Image.Image, Box]:
     """A random crop resized to size x size, and its box normalised to the source image."""
     x0, y0, x1, y1 = sample_crop(img.width, img.height, scale, ratio, rng)
     crop = img.resize((size, size), Image.Resampling.BICUBIC, box=(x0, y0, x1, y1))
@@ -56,8 +58,9 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return TF.normalize(TF.to_tensor(img), mean, std)
 
 
-def train_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float],
-               rng: random.Random) -> dict:
+def train_view(
+    img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float], rng: random.Random
+) -> dict:
     """One augmented view: normalised tensor, its crop box and whether it was mirrored."""
     crop, box = random_resized_crop(img, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, rng)
     flip = cfg.hflip and rng.random() < 0.5
@@ -66,8 +69,9 @@ def train_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Se
     return {"image": to_tensor(crop, mean, std), "crop_box": torch.tensor(box, dtype=torch.float32), "flip": flip}
 
 
-def misaligned_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float],
-                    rng: random.Random) -> dict:
+def misaligned_view(
+    img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float], rng: random.Random
+) -> dict:
     """An MCD view (cfg.views): wide-range crop, flip, optional colour jitter; `jitter` is its strength in [0, 1]."""
     v = cfg.views
     crop, box = random_resized_crop(img, cfg.image_size, v.crop_scale, v.crop_ratio, rng)
@@ -79,8 +83,12 @@ def misaligned_view(img: Image.Image, cfg: DataConfig, mean: Sequence[float], st
         factors = [rng.uniform(1 - v.colour_jitter, 1 + v.colour_jitter) for _ in range(3)]
         crop = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(crop, factors[0]), factors[1]), factors[2])
         jitter = sum(abs(f - 1) for f in factors) / (3 * v.colour_jitter)
-    return {"image": to_tensor(crop, mean, std), "crop_box": torch.tensor(box, dtype=torch.float32), "flip": flip,
-            "jitter": jitter}
+    return {
+        "image": to_tensor(crop, mean, std),
+        "crop_box": torch.tensor(box, dtype=torch.float32),
+        "flip": flip,
+        "jitter": jitter,
+    }
 
 
 def eval_view(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

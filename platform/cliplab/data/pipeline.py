@@ -135,8 +135,10 @@ class Reader:
                 else:
                     dead.add(url)
                     if dead >= distinct:
-                        raise DataError(f"reader {self.g}: none of the {len(distinct)} shards is readable "
-                                        f"(first: {self.urls[0]}); check the URLs and credentials")
+                        raise DataError(
+                            f"reader {self.g}: none of the {len(distinct)} shards is readable "
+                            f"(first: {self.urls[0]}); check the URLs and credentials"
+                        )
                 if self.quota is not None and in_epoch >= self.quota:
                     break
                 shard, sample = shard + 1, 0
@@ -170,15 +172,23 @@ class Reader:
 
     def cursor(self) -> dict[str, Any]:
         version, state, gauss = self.rng.getstate()
-        return {"reader": self.g, "readers": self.G, "read": list(self.read),
-                "buffer": [list(p) for p, _ in self.buffer], "rng": [version, list(state), gauss],
-                "emitted": self.emitted, "skipped": dict(self.skipped)}
+        return {
+            "reader": self.g,
+            "readers": self.G,
+            "read": list(self.read),
+            "buffer": [list(p) for p, _ in self.buffer],
+            "rng": [version, list(state), gauss],
+            "emitted": self.emitted,
+            "skipped": dict(self.skipped),
+        }
 
     def _load(self, cursor: dict[str, Any]) -> None:
         if cursor["readers"] != self.G:
-            raise DataError(f"data position was saved with {cursor['readers']} readers (Ray workers x "
-                            f"data.num_workers), this run has {self.G}; resume with the same scaling.num_workers "
-                            "and data.num_workers")
+            raise DataError(
+                f"data position was saved with {cursor['readers']} readers (Ray workers x "
+                f"data.num_workers), this run has {self.G}; resume with the same scaling.num_workers "
+                "and data.num_workers"
+            )
         self.read = tuple(cursor["read"])
         self._pending = [tuple(p) for p in cursor["buffer"]]
         version, state, gauss = cursor["rng"]
@@ -194,8 +204,17 @@ def _next(pos: Pos) -> Pos:
 class TrainStream(IterableDataset):
     """Batches of decoded, augmented, tokenised samples from this DataLoader worker's logical reader."""
 
-    def __init__(self, cfg: DataConfig, urls: list[str], tokenizer: Tokenizer, mean: Sequence[float],
-                 std: Sequence[float], rank: int, world_size: int, position: dict | None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        urls: list[str],
+        tokenizer: Tokenizer,
+        mean: Sequence[float],
+        std: Sequence[float],
+        rank: int,
+        world_size: int,
+        position: dict | None,
+    ):
         self.cfg, self.urls, self.tokenizer, self.mean, self.std = cfg, urls, tokenizer, mean, std
         self.rank, self.world = rank, world_size
         self.slots = max(1, cfg.num_workers)
@@ -217,8 +236,11 @@ class TrainStream(IterableDataset):
                 decoded = decode(raw, self.cfg.caption_key)
                 if decoded is None:
                     reader.skipped["samples"] += 1
-                    log.warning("skipped sample %s in %s: missing or undecodable image or caption",
-                                raw.get("__key__"), raw.get("__url__"))
+                    log.warning(
+                        "skipped sample %s in %s: missing or undecodable image or caption",
+                        raw.get("__key__"),
+                        raw.get("__url__"),
+                    )
                     continue
                 img, caption, meta = decoded
                 rng = random.Random(stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
@@ -236,8 +258,9 @@ class TrainStream(IterableDataset):
                 "__cursor__": reader.cursor(),
             }
             if self.cfg.captions is not None:
-                batch.update(tokenize_slots([caption_slots(r[1], r[2], self.cfg.captions) for r in rows],
-                                            self.tokenizer))
+                batch.update(
+                    tokenize_slots([caption_slots(r[1], r[2], self.cfg.captions) for r in rows], self.tokenizer)
+                )
             if self.cfg.views.count:
                 batch.update(_stack_views([r[4] for r in rows]))
             yield batch
@@ -282,25 +305,49 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def make_train_loader(cfg: DataConfig, tokenizer: Tokenizer, mean: Sequence[float], std: Sequence[float], rank: int,
-                      world_size: int, position: dict | None) -> tuple[DataLoader, StreamPosition]:
+def make_train_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rank: int,
+    world_size: int,
+    position: dict | None,
+) -> tuple[DataLoader, StreamPosition]:
     """The DataLoader (batches built in its workers) and the position tracker to checkpoint."""
     urls = expand_urls(cfg.train_shards)
     slots = max(1, cfg.num_workers)
     if not cfg.resampled and len(urls) < world_size * slots:
-        raise DataError(f"data.train_shards: {len(urls)} shards for {world_size} Ray workers x {slots} loader "
-                        f"workers; need at least {world_size * slots} shards, or set data.resampled")
+        raise DataError(
+            f"data.train_shards: {len(urls)} shards for {world_size} Ray workers x {slots} loader "
+            f"workers; need at least {world_size * slots} shards, or set data.resampled"
+        )
     start = {"readers": position["readers"], "rotation": position["rotation"]} if position else None
     stream = TrainStream(cfg, urls, tokenizer, mean, std, rank, world_size, start)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=_as_is,
-                        multiprocessing_context="fork" if cfg.num_workers else None,
-                        prefetch_factor=2 if cfg.num_workers else None)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        collate_fn=_as_is,
+        multiprocessing_context="fork" if cfg.num_workers else None,
+        prefetch_factor=2 if cfg.num_workers else None,
+    )
     return loader, StreamPosition(slots, start)
 
 
-def eval_batches(spec: str, batch_size: int, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 tokenizer: Tokenizer, caption_key: str, rank: int, world_size: int,
-                 max_samples: int, captions: CaptionsConfig | None = None) -> Iterator[dict[str, Any]]:
+def eval_batches(
+    spec: str,
+    batch_size: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tokenizer: Tokenizer,
+    caption_key: str,
+    rank: int,
+    world_size: int,
+    max_samples: int,
+    captions: CaptionsConfig | None = None,
+) -> Iterator[dict[str, Any]]:
     """Held-out batches without augmentation, in shard order; rank r reads shards[r::W] and keeps at most its
     share of max_samples (max_samples // W, the first max_samples % W ranks one more): disjoint, deterministic.
     With `captions`, batches also carry every caption slot (`texts`, `caption_own`)."""
@@ -328,10 +375,16 @@ def eval_batches(spec: str, batch_size: int, image_size: int, mean: Sequence[flo
         yield _eval_batch(rows, tokenizer, captions)
 
 
-def _eval_batch(rows: list[tuple[str, str, dict, torch.Tensor]], tokenizer: Tokenizer,
-                captions: CaptionsConfig | None) -> dict[str, Any]:
-    batch = {"image": torch.stack([r[3] for r in rows]), "text": tokenizer([r[1] for r in rows]),
-             "caption": [r[1] for r in rows], "key": [r[0] for r in rows], "json": [r[2] for r in rows]}
+def _eval_batch(
+    rows: list[tuple[str, str, dict, torch.Tensor]], tokenizer: Tokenizer, captions: CaptionsConfig | None
+) -> dict[str, Any]:
+    batch = {
+        "image": torch.stack([r[3] for r in rows]),
+        "text": tokenizer([r[1] for r in rows]),
+        "caption": [r[1] for r in rows],
+        "key": [r[0] for r in rows],
+        "json": [r[2] for r in rows],
+    }
     if captions is not None:
         slots = [caption_slots(r[1], r[2], captions) for r in rows]
         batch.update(tokenize_slots(slots, tokenizer), slot_texts=[texts for texts, _ in slots])
@@ -356,10 +409,17 @@ def inspect_shards(spec: str, n_show: int = 1) -> dict[str, Any]:
                 bad_samples += 1
             elif len(shown) < n_show:
                 img, caption, meta = decoded
-                shown.append({"key": raw["__key__"], "url": url, "image_size": list(img.size), "caption": caption,
-                              "json": meta})
+                shown.append(
+                    {"key": raw["__key__"], "url": url, "image_size": list(img.size), "caption": caption, "json": meta}
+                )
         per_shard[url] = n
         errors += shard_errors
-    return {"shards": len(per_shard), "samples": sum(per_shard.values()), "per_shard": per_shard,
-            "extensions": extensions, "undecodable_samples": bad_samples, "shard_errors": errors,
-            "examples": shown}
+    return {
+        "shards": len(per_shard),
+        "samples": sum(per_shard.values()),
+        "per_shard": per_shard,
+        "extensions": extensions,
+        "undecodable_samples": bad_samples,
+        "shard_errors": errors,
+        "examples": shown,
+    }

@@ -77,8 +77,15 @@ def write_shards(prefix: str, samples: Iterable[dict[str, Any]], samples_per_sha
         name = f"{len(urls):05d}"
         url = f"{prefix.rstrip('/')}/{name}.tar"
         fs.pipe_file(f"{root.rstrip('/')}/{name}.tar", buffer.getvalue())
-        stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0,
-                 "start_time": started, "end_time": time.time(), "status_dict": {"success": count}}
+        stats = {
+            "count": count,
+            "successes": count,
+            "failed_to_download": 0,
+            "failed_to_resize": 0,
+            "start_time": started,
+            "end_time": time.time(),
+            "status_dict": {"success": count},
+        }
         fs.pipe_file(f"{root.rstrip('/')}/{name}_stats.json", json.dumps(stats).encode())
         urls.append(url)
         buffer, count, started = io.BytesIO(), 0, time.time()

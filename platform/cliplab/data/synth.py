@@ -27,8 +27,14 @@ log = logging.getLogger("cliplab.data.synth")
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
 COLOURS = {
-    "red": (215, 25, 30), "green": (20, 160, 40), "blue": (25, 60, 215), "yellow": (245, 215, 0),
-    "purple": (130, 30, 170), "orange": (250, 125, 0), "black": (15, 15, 15), "white": (250, 250, 250),
+    "red": (215, 25, 30),
+    "green": (20, 160, 40),
+    "blue": (25, 60, 215),
+    "yellow": (245, 215, 0),
+    "purple": (130, 30, 170),
+    "orange": (250, 125, 0),
+    "black": (15, 15, 15),
+    "white": (250, 250, 250),
 }
 SIZES = {"large": (0.42, 0.58), "small": (0.18, 0.26)}
 SUPERSAMPLE = 4
@@ -92,11 +98,17 @@ def scene(spec: SynthSpec, index: int) -> tuple[list[Obj], tuple[int, int, int],
         side = rng.uniform(*SIZES[size])
         for _ in range(20):
             cx, cy = rng.uniform(side / 2, 1 - side / 2), rng.uniform(side / 2, 1 - side / 2)
-            if all(abs(cx - ox) > (side + os) / 2 or abs(cy - oy) > (side + os) / 2
-                   for (ox, oy), os in zip(centres, [_side(o, s) for o in objects], strict=True)):
+            if all(
+                abs(cx - ox) > (side + os) / 2 or abs(cy - oy) > (side + os) / 2
+                for (ox, oy), os in zip(centres, [_side(o, s) for o in objects], strict=True)
+            ):
                 break
-        box = (round((cx - side / 2) * s), round((cy - side / 2) * s), round((cx + side / 2) * s),
-               round((cy + side / 2) * s))
+        box = (
+            round((cx - side / 2) * s),
+            round((cy - side / 2) * s),
+            round((cx + side / 2) * s),
+            round((cy + side / 2) * s),
+        )
         objects.append(Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), size, box))
         centres.append((cx, cy))
     return objects, background, centres
@@ -124,8 +136,20 @@ def _polygon(shape: str, x0: float, y0: float, x1: float, y1: float) -> list[tup
         return pts
     if shape == "cross":
         t = w / 6
-        return [(cx - t, y0), (cx + t, y0), (cx + t, cy - t), (x1, cy - t), (x1, cy + t), (cx + t, cy + t),
-                (cx + t, y1), (cx - t, y1), (cx - t, cy + t), (x0, cy + t), (x0, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, y0),
+            (cx + t, y0),
+            (cx + t, cy - t),
+            (x1, cy - t),
+            (x1, cy + t),
+            (cx + t, cy + t),
+            (cx + t, y1),
+            (cx - t, y1),
+            (cx - t, cy + t),
+            (x0, cy + t),
+            (x0, cy - t),
+            (cx - t, cy - t),
+        ]
     raise ValueError(shape)
 
 
@@ -200,8 +224,9 @@ def render_sample(spec: SynthSpec, index: int) -> dict[str, Any]:
         "key": f"{index:09d}",
         "width": spec.image_size,
         "height": spec.image_size,
-        "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "bbox": list(o.box), "area": o.area}
-                    for o in objects],
+        "objects": [
+            {"shape": o.shape, "colour": o.colour, "size": o.size, "bbox": list(o.box), "area": o.area} for o in objects
+        ],
         "labels": {"shape": objects[0].shape, "colour": objects[0].colour, "count": len(objects)},
         "captions": perspective_captions(objects, spec.image_size),
         "noisy": False,
@@ -212,8 +237,12 @@ def render_sample(spec: SynthSpec, index: int) -> dict[str, Any]:
         other += other >= index
         caption = web_caption(spec, other, scene(spec, other)[0])
         meta.update(noisy=True, caption_source_uid=uid(spec, other))
-    return {"__key__": meta["key"], "jpg": draw(spec, objects, background), "txt": caption,
-            "json": json.dumps(meta).encode()}
+    return {
+        "__key__": meta["key"],
+        "jpg": draw(spec, objects, background),
+        "txt": caption,
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def write_synthscenes(url_prefix: str, spec: SynthSpec) -> list[str]:
@@ -227,6 +256,11 @@ def write_synthscenes(url_prefix: str, spec: SynthSpec) -> list[str]:
             yield render_sample(spec, i)
 
     urls = write_shards(url_prefix, samples(), spec.samples_per_shard)
-    log.info("SynthScenes: %d samples in %d shards at %s (%.1fs)", spec.num_samples, len(urls), url_prefix,
-             time.time() - started)
+    log.info(
+        "SynthScenes: %d samples in %d shards at %s (%.1fs)",
+        spec.num_samples,
+        len(urls),
+        url_prefix,
+        time.time() - started,
+    )
     return urls

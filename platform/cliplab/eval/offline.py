@@ -55,8 +55,19 @@ def evaluate_export_here(exp_json: dict[str, Any], export_dir: str) -> dict[str,
     model = model.to(device).eval()
     tokenizer = build_tokenizer(model_cfg)
     captions = exp.data.captions
-    batches = eval_batches(exp.data.val_shards, exp.eval.batch_size, pre.image_size, pre.mean, pre.std, tokenizer,
-                           exp.data.caption_key, 0, 1, exp.eval.max_samples, captions)
+    batches = eval_batches(
+        exp.data.val_shards,
+        exp.eval.batch_size,
+        pre.image_size,
+        pre.mean,
+        pre.std,
+        tokenizer,
+        exp.data.caption_key,
+        0,
+        1,
+        exp.eval.max_samples,
+        captions,
+    )
     return evaluate(model, tokenizer, batches, exp.eval.zeroshot, device, slots=captions.slots if captions else None)
 
 
@@ -66,12 +77,17 @@ def evaluate_export(exp: Experiment, export_dir: str, source_run: str | None = N
         raise ConfigError("evaluate: the experiment has no data.val_shards")
     s = exp.scaling
     task = ray.remote(evaluate_export_here).options(
-        num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
+        num_cpus=s.cpus_per_worker,
+        num_gpus=s.gpus_per_worker if s.use_gpu else 0,
         runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
     )
     uri = resolve_tracking_uri(exp)
-    run_id = create_run(exp, uri, f"eval-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                        tags={MODEL_URI_TAG: export_dir, "cliplab.evaluates": source_run or export_dir})
+    run_id = create_run(
+        exp,
+        uri,
+        f"eval-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={MODEL_URI_TAG: export_dir, "cliplab.evaluates": source_run or export_dir},
+    )
     tracker = RunLogger(uri, run_id)
     log.info("evaluating %s on %s (MLflow run %s at %s)", export_dir, exp.data.val_shards, run_id, uri)
     try:

@@ -53,9 +53,21 @@ def removed_share(objects: Sequence[dict[str, Any]], box: tuple[int, int, int, i
 
 
 @torch.no_grad()
-def misalignment_probe(model: Any, tokenizer: Any, spec: str, image_size: int, mean: Sequence[float],
-                       std: Sequence[float], caption_key: str, rank: int, world_size: int, max_images: int,
-                       device: torch.device, caption_field: str = "captions.long", seed: int = 0) -> dict[str, Any]:
+def misalignment_probe(
+    model: Any,
+    tokenizer: Any,
+    spec: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    caption_key: str,
+    rank: int,
+    world_size: int,
+    max_images: int,
+    device: torch.device,
+    caption_field: str = "captions.long",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Spearman correlations and the (distance, scale, share) points of every crop, gathered on every rank."""
     rows: list[tuple[float, float, float]] = []
     cap = max_images // world_size + (rank < max_images % world_size)
@@ -72,8 +84,12 @@ def misalignment_probe(model: Any, tokenizer: Any, spec: str, image_size: int, m
             caption = lookup(meta, caption_field) or caption
             rng = random.Random(stable_seed(seed, "probe", raw["__key__"]))
             boxes = [crop_for(img.width, img.height, a, rng) for a in AREAS]
-            crops = torch.stack([to_tensor(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=b),
-                                           mean, std) for b in boxes]).to(device)
+            crops = torch.stack(
+                [
+                    to_tensor(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=b), mean, std)
+                    for b in boxes
+                ]
+            ).to(device)
             z = model.encode_image(crops, normalize=True).float()
             u = model.encode_text(tokenizer([caption]).to(device), normalize=True).float()
             cos = (z @ u[0]).mean(-1) if z.ndim == 3 else z @ u[0]  # multi-branch: mean over branches
@@ -90,7 +106,8 @@ def misalignment_probe(model: Any, tokenizer: Any, spec: str, image_size: int, m
     return {
         "probe/spearman_scale": float(spearmanr(points[:, 0], points[:, 1]).statistic),
         "probe/spearman_content": float(spearmanr(points[has_share, 0], points[has_share, 2]).statistic)
-        if has_share.sum() > 2 else float("nan"),
+        if has_share.sum() > 2
+        else float("nan"),
         "probe/n_crops": float(len(points)),
         "points": points,
     }
@@ -104,8 +121,10 @@ def calibration_plot(points: np.ndarray, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, col, label in ((axes[0], 1, "misalignment 1 - crop area (augmentation)"),
-                           (axes[1], 2, "share of caption objects removed (ground truth)")):
+    for ax, col, label in (
+        (axes[0], 1, "misalignment 1 - crop area (augmentation)"),
+        (axes[1], 2, "share of caption objects removed (ground truth)"),
+    ):
         keep = ~np.isnan(points[:, col])
         xs = np.unique(np.round(points[keep, col], 2))
         means = [points[keep][np.round(points[keep, col], 2) == x, 0].mean() for x in xs]

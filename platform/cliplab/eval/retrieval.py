@@ -27,8 +27,9 @@ def _ranks(scores: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return ((scores >= best) & ~same).sum(1)
 
 
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, branch: int | None = None,
-                      groups: Sequence[str] | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    image: torch.Tensor, text: torch.Tensor, branch: int | None = None, groups: Sequence[str] | None = None
+) -> dict[str, float]:
     scores = similarity(image, text, branch)
     ids = group_ids(groups) if groups is not None else torch.arange(scores.shape[0])
     same = ids[:, None] == ids[None, :]

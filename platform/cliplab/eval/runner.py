@@ -13,9 +13,15 @@ from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import class_embeddings, lookup, zeroshot_accuracy
 
 
-def evaluate(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], batches: Iterable[dict[str, Any]],
-             tasks: list[ZeroShotTask], device: torch.device, branch: int | None = None,
-             slots: list[str] | None = None) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    batches: Iterable[dict[str, Any]],
+    tasks: list[ZeroShotTask],
+    device: torch.device,
+    branch: int | None = None,
+    slots: list[str] | None = None,
+) -> dict[str, float]:
     """`zeroshot/<task>/top1`, `chance/<task>`, `retrieval/i2t_R1`, ..., `eval/n_samples` (collective).
 
     With caption `slots` (batches carry `texts`): retrieval per slot, `retrieval/<slot>/i2t_R1` ..., and for
@@ -36,8 +42,13 @@ def evaluate(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], batches
     return out
 
 
-def slot_retrieval(image: torch.Tensor, texts: torch.Tensor, slots: list[str], branch: int | None = None,
-                   slot_texts: list[list[str]] | None = None) -> dict[str, float]:
+def slot_retrieval(
+    image: torch.Tensor,
+    texts: torch.Tensor,
+    slots: list[str],
+    branch: int | None = None,
+    slot_texts: list[list[str]] | None = None,
+) -> dict[str, float]:
     """Retrieval against each caption slot (fused over branches), and each branch's R@1 on each slot.
 
     `slot_texts` (each sample's caption per slot) make identical captions count as correct matches.

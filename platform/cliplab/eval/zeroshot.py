@@ -12,8 +12,13 @@ from cliplab.eval.scoring import similarity
 
 
 @torch.no_grad()
-def class_embeddings(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-                     templates: Sequence[str], device: torch.device) -> torch.Tensor:
+def class_embeddings(
+    model: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device,
+) -> torch.Tensor:
     """(C, D): each class's template embeddings, normalised, averaged and renormalised."""
     prompts = [t.format(c) for c in classnames for t in templates]
     emb = model.encode_text(tokenizer(prompts).to(device), normalize=True).float().cpu()
@@ -31,8 +36,13 @@ def lookup(meta: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def zeroshot_accuracy(image: torch.Tensor, classes: torch.Tensor, labels: Sequence[Any], classnames: Sequence[str],
-                      branch: int | None = None) -> dict[str, float]:
+def zeroshot_accuracy(
+    image: torch.Tensor,
+    classes: torch.Tensor,
+    labels: Sequence[Any],
+    classnames: Sequence[str],
+    branch: int | None = None,
+) -> dict[str, float]:
     """top-1 (and top-5 when C > 5) accuracy over samples whose label is a known class; others are counted."""
     index = {c: i for i, c in enumerate(classnames)}
     keep = [i for i, lab in enumerate(labels) if lab in index]

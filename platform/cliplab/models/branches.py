@@ -24,8 +24,10 @@ from cliplab.errors import ConfigError
 def _check_vit(vit: nn.Module) -> VisionTransformer:
     """Refuse towers the branch designs are not defined for, naming what differs."""
     if not isinstance(vit, VisionTransformer):
-        raise ConfigError(f"model.branches needs a ViT vision tower; this model's is {type(vit).__name__} "
-                          "(vision_cfg.layers must be an int, not a ResNet layer list)")
+        raise ConfigError(
+            f"model.branches needs a ViT vision tower; this model's is {type(vit).__name__} "
+            "(vision_cfg.layers must be an int, not a ResNet layer list)"
+        )
     unsupported = {
         "attentional pooling": vit.attn_pool is not None,
         f"pool_type {vit.pool_type!r}": vit.pool_type != "tok",
@@ -36,8 +38,10 @@ def _check_vit(vit: nn.Module) -> VisionTransformer:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ConfigError(f"model.branches: the vision tower uses {', '.join(bad)}; branches are defined for "
-                          "open_clip's standard class-token ViT")
+        raise ConfigError(
+            f"model.branches: the vision tower uses {', '.join(bad)}; branches are defined for "
+            "open_clip's standard class-token ViT"
+        )
     if not all(isinstance(b, ResidualAttentionBlock) for b in vit.transformer.resblocks):
         raise ConfigError("model.branches: the vision tower's blocks are not open_clip ResidualAttentionBlocks")
     return vit
@@ -142,8 +146,9 @@ class ParallelMlpVision(nn.Module):
         batch, m = x.shape[0], self.count
         for block in self.transformer.resblocks[: self.first]:
             x = block(x)
-        for k, (block, extra) in enumerate(zip(self.transformer.resblocks[self.first :], self.branch_proj,
-                                               strict=True)):
+        for k, (block, extra) in enumerate(
+            zip(self.transformer.resblocks[self.first :], self.branch_proj, strict=True)
+        ):
             x = x + block.ls_1(block.attention(block.ln_1(x)))
             hidden = block.mlp.gelu(block.mlp.c_fc(block.ln_2(x)))
             projections = [block.mlp.c_proj, *extra]

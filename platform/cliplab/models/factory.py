@@ -66,14 +66,17 @@ def _load_pretrained(model: torch.nn.Module, cfg: ModelConfig) -> None:
     except FileNotFoundError:
         raise ConfigError(f"model.pretrained: no checkpoint at {cfg.pretrained}") from None
     except RuntimeError as exc:
-        raise ConfigError(f"model.pretrained: {cfg.pretrained} does not fit model {cfg.name or 'config'}: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.pretrained: {cfg.pretrained} does not fit model {cfg.name or 'config'}: {str(exc).splitlines()[0]}"
+        ) from None
     if cfg.branches is None:
         return
     missing = [k for k in result.missing_keys if not is_branch_param(k)]
     if missing or result.unexpected_keys:
-        raise ConfigError(f"model.pretrained: {cfg.pretrained} does not fit the model: missing {missing[:5]}, "
-                          f"unexpected {list(result.unexpected_keys)[:5]}")
+        raise ConfigError(
+            f"model.pretrained: {cfg.pretrained} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )
     if result.missing_keys:  # a plain checkpoint: branches start from the shared weights
         model.visual.init_from_shared()
 

@@ -49,8 +49,9 @@ def branch_choice(img: torch.Tensor, own_txt: torch.Tensor, fixed: torch.Tensor,
     return torch.where(fixed, torch.full_like(free, slot), free)
 
 
-def m2m_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-             fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def m2m_loss(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, fixed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_M2M, L_I2T, L_T2I, per-slot losses (C,)) of local unit-norm features against the global batch.
 
     img (b, M, D), txt (b, C, D), fixed (b, C) bool: whether pair (j, c) uses branch c.
@@ -90,8 +91,10 @@ class HolisticObjective:
         texts = batch["texts"]
         out = model(image=batch["image"], text=texts.flatten(0, 1))
         img = out["image_features"]
-        return {"image": img if img.ndim == 3 else img[:, None],
-                "text": out["text_features"].unflatten(0, texts.shape[:2])}, out["logit_scale"]
+        return {
+            "image": img if img.ndim == 3 else img[:, None],
+            "text": out["text_features"].unflatten(0, texts.shape[:2]),
+        }, out["logit_scale"]
 
     def loss(
         self, feats: dict[str, torch.Tensor], logit_scale: torch.Tensor, batch: dict[str, Any]
@@ -100,9 +103,12 @@ class HolisticObjective:
         if self.params.assignment == "free":
             fixed = torch.zeros_like(fixed)
         total, i2t, t2i, per_slot = m2m_loss(feats["image"], feats["text"], logit_scale, fixed)
-        terms = {"loss_i2t": i2t.detach(), "loss_t2i": t2i.detach(),
-                 **{f"loss_branch{c}": v.detach() for c, v in enumerate(per_slot)},
-                 "own_caption_frac": batch["caption_own"].float().mean()}
+        terms = {
+            "loss_i2t": i2t.detach(),
+            "loss_t2i": t2i.detach(),
+            **{f"loss_branch{c}": v.detach() for c, v in enumerate(per_slot)},
+            "own_caption_frac": batch["caption_own"].float().mean(),
+        }
         if self.params.diversity:
             div = diversity_hinge(feats["image"], self.params.diversity_margin)
             total = total + self.params.diversity_weight * div

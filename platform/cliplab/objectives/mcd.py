@@ -55,8 +55,13 @@ def box_area(box: torch.Tensor) -> torch.Tensor:
     return (box[..., 2] - box[..., 0]).clamp(min=0) * (box[..., 3] - box[..., 1]).clamp(min=0)
 
 
-def misalignment(view_boxes: torch.Tensor, anchor_box: torch.Tensor, scale: str = "crop_content",
-                 jitter: torch.Tensor | None = None, colour_weight: float = 0.0) -> torch.Tensor:
+def misalignment(
+    view_boxes: torch.Tensor,
+    anchor_box: torch.Tensor,
+    scale: str = "crop_content",
+    jitter: torch.Tensor | None = None,
+    colour_weight: float = 0.0,
+) -> torch.Tensor:
     """(b, V) misalignment of each view w.r.t. its anchor view, from crop boxes alone (mcd.md eq. (2))."""
     anchor = anchor_box[:, None, :]
     lo = torch.maximum(view_boxes[..., :2], anchor[..., :2])
@@ -76,8 +81,9 @@ def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (a * b).sum(-1)).clamp(min=1e-6)
 
 
-def log_ratio_loss(anchor: torch.Tensor, views: torch.Tensor, text: torch.Tensor, m: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+def log_ratio_loss(
+    anchor: torch.Tensor, views: torch.Tensor, text: torch.Tensor, m: torch.Tensor, eps: float
+) -> torch.Tensor:
     """mcd.md eq. (3): distances to the caption should scale like the misalignment labels, pair by pair."""
     dist = torch.cat([sq_dist(anchor, text)[:, None], sq_dist(views, text[:, None, :])], dim=1)  # (b, V+1)
     labels = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1) + eps
@@ -88,8 +94,9 @@ def log_ratio_loss(anchor: torch.Tensor, views: torch.Tensor, text: torch.Tensor
     return diff.pow(2).mean()
 
 
-def soft_infonce_loss(views: torch.Tensor, all_text: torch.Tensor, m: torch.Tensor,
-                      scale: torch.Tensor) -> torch.Tensor:
+def soft_infonce_loss(
+    views: torch.Tensor, all_text: torch.Tensor, m: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """mcd.md eq. (3) alternative: CE of each view against (1 - m) one-hot + m uniform over the global batch."""
     b = views.shape[0]
     n = all_text.shape[0]
@@ -98,8 +105,9 @@ def soft_infonce_loss(views: torch.Tensor, all_text: torch.Tensor, m: torch.Tens
     return -(target * logp).sum(-1).mean()
 
 
-def distill_loss(anchor: torch.Tensor, views: torch.Tensor, all_text: torch.Tensor,
-                 scale: torch.Tensor) -> torch.Tensor:
+def distill_loss(
+    anchor: torch.Tensor, views: torch.Tensor, all_text: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """mcd.md eq. (4): KL(p^0 || p^v), teacher = the anchor (clean view or EMA tower), gradient stopped."""
     teacher = F.softmax(scale.detach() * anchor.detach() @ all_text.detach().T, dim=-1)  # (b, N)
     student = F.log_softmax(scale * views @ all_text.T, dim=-1)  # (b, V, N)
@@ -174,11 +182,13 @@ class McdObjective:
         if self.teacher is not None and "ema" in state:
             self.teacher.state = state["ema"]
 
-    def loss(self, feats: dict[str, torch.Tensor], logit_scale: torch.Tensor,
-             batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, feats: dict[str, torch.Tensor], logit_scale: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         img, txt, views = feats["image"], feats["text"], feats["views"]
-        m = misalignment(batch["view_boxes"], batch["crop_box"], self.p.scale, batch.get("view_jitter"),
-                         self.p.colour_weight)
+        m = misalignment(
+            batch["view_boxes"], batch["crop_box"], self.p.scale, batch.get("view_jitter"), self.p.colour_weight
+        )
         clip, _, _ = contrastive_loss(img, txt, logit_scale)
         all_text = gather_with_grad(txt)
         if self.p.contrast == "log_ratio":
@@ -187,8 +197,12 @@ class McdObjective:
             contrast = soft_infonce_loss(views, all_text, m, logit_scale)
         distill = distill_loss(feats.get("teacher", img), views, all_text, logit_scale)
         total = clip + self.p.lambda_c * contrast + self.p.lambda_d * distill
-        return total, {"loss_clip": clip.detach(), "loss_contrast": contrast.detach(),
-                       "loss_distill": distill.detach(), "misalignment_mean": m.mean().detach()}
+        return total, {
+            "loss_clip": clip.detach(),
+            "loss_contrast": contrast.detach(),
+            "loss_distill": distill.detach(),
+            "misalignment_mean": m.mean().detach(),
+        }
 
 
 @register("mcd", McdParams)

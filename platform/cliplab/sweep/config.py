@@ -111,14 +111,19 @@ def experiment_at(base_tree: dict[str, Any], point: dict[str, Any], source: str)
 def _check_metric(sweep: SweepConfig, exp: Experiment, source: str) -> None:
     if sweep.metric.startswith(EVAL_PREFIXES):
         if not (exp.data.val_shards and exp.eval.every_steps):
-            raise ConfigError(f"{source}: metric {sweep.metric!r} is an evaluation metric; the base experiment "
-                              "needs data.val_shards and eval.every_steps")
+            raise ConfigError(
+                f"{source}: metric {sweep.metric!r} is an evaluation metric; the base experiment "
+                "needs data.val_shards and eval.every_steps"
+            )
     elif sweep.metric not in TRAIN_METRICS and not re.match(r"^loss_", sweep.metric):
-        raise ConfigError(f"{source}: metric {sweep.metric!r}: not a metric cliplab reports (use an evaluation "
-                          "metric such as retrieval/i2t_R1 or zeroshot/<task>/top1, or loss)")
+        raise ConfigError(
+            f"{source}: metric {sweep.metric!r}: not a metric cliplab reports (use an evaluation "
+            "metric such as retrieval/i2t_R1 or zeroshot/<task>/top1, or loss)"
+        )
     if sweep.scheduler.name == "asha" and sweep.scheduler.grace_period > exp.train.steps:
-        raise ConfigError(f"{source}: scheduler.grace_period {sweep.scheduler.grace_period} > train.steps "
-                          f"{exp.train.steps}")
+        raise ConfigError(
+            f"{source}: scheduler.grace_period {sweep.scheduler.grace_period} > train.steps {exp.train.steps}"
+        )
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:

@@ -41,8 +41,7 @@ def _fmt(value: Any) -> str:
 def trial_table(rows: list[TrialRow], fields: list[str], metric: str) -> str:
     """Plain-text table: trial, status, step, metric, each swept field."""
     header = ["trial", "status", "step", metric, *fields]
-    body = [[r.trial_id, r.status, _fmt(r.step), _fmt(r.metric), *(_fmt(r.point.get(f)) for f in fields)]
-            for r in rows]
+    body = [[r.trial_id, r.status, _fmt(r.step), _fmt(r.metric), *(_fmt(r.point.get(f)) for f in fields)] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
@@ -60,8 +59,16 @@ class ProgressTable(tune.Callback):
         if not force and time.monotonic() - self.last < self.every_s:
             return
         self.last = time.monotonic()
-        rows = [TrialRow(t.trial_id, t.status, t.config, (t.last_result or {}).get("step"),
-                         (t.last_result or {}).get(self.metric)) for t in trials]
+        rows = [
+            TrialRow(
+                t.trial_id,
+                t.status,
+                t.config,
+                (t.last_result or {}).get("step"),
+                (t.last_result or {}).get(self.metric),
+            )
+            for t in trials
+        ]
         log.info("sweep progress\n%s", trial_table(rows, self.fields, self.metric))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -83,8 +90,18 @@ def write_csv(rows: list[TrialRow], fields: list[str], metric: str, path: Path) 
         writer = csv.writer(f)
         writer.writerow(["trial_id", "status", "mlflow_run_id", "step", metric, *fields, *extras, "error"])
         for r in rows:
-            writer.writerow([r.trial_id, r.status, r.mlflow_run_id, r.step, r.metric,
-                             *(r.point.get(f) for f in fields), *(r.extra.get(k) for k in extras), r.error or ""])
+            writer.writerow(
+                [
+                    r.trial_id,
+                    r.status,
+                    r.mlflow_run_id,
+                    r.step,
+                    r.metric,
+                    *(r.point.get(f) for f in fields),
+                    *(r.extra.get(k) for k in extras),
+                    r.error or "",
+                ]
+            )
     return path
 
 
@@ -95,8 +112,7 @@ def _numeric(values: list[Any]) -> list[float] | None:
         return None
 
 
-def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str],
-                     path: Path) -> Path:
+def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str], path: Path) -> Path:
     """One panel per swept field: the metric of every trial that reported it, early-stopped ones hollow."""
     fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.5), squeeze=False)
     done = [r for r in rows if r.metric is not None]
@@ -121,8 +137,7 @@ def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_s
     return path
 
 
-def parallel_coordinates(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str],
-                         path: Path) -> Path:
+def parallel_coordinates(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str], path: Path) -> Path:
     """Each trial a line across the swept fields (scaled to [0, 1]) and the metric, coloured by the metric."""
     done = [r for r in rows if r.metric is not None]
     axes_names = [*fields, metric]
@@ -141,8 +156,13 @@ def parallel_coordinates(rows: list[TrialRow], fields: list[str], metric: str, l
     cmap = plt.get_cmap("viridis")
     metric_scaled = columns[-1] if columns else []
     for i, r in enumerate(done):
-        ax.plot(range(len(axes_names)), [c[i] for c in columns], color=cmap(metric_scaled[i]),
-                linestyle="-" if r.status == "TERMINATED" else "--", marker="o")
+        ax.plot(
+            range(len(axes_names)),
+            [c[i] for c in columns],
+            color=cmap(metric_scaled[i]),
+            linestyle="-" if r.status == "TERMINATED" else "--",
+            marker="o",
+        )
     ax.set_xticks(range(len(axes_names)), axes_names, rotation=15, fontsize=8)
     ax.set_yticks([0, 1], ["low", "high"])
     ax.set_title(f"parallel coordinates, colour = {metric} (dashed: stopped early)", fontsize=10)

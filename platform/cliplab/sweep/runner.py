@@ -45,8 +45,12 @@ class SweepOutcome:
 
 def tune_space(sweep: SweepConfig) -> dict[str, Any]:
     """Tune's param space: one entry per dotted field."""
-    make = {"grid": tune.grid_search, "choice": tune.choice,
-            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
     return {name: make[d.kind](getattr(d, d.kind)) for name, d in sweep.space.items()}
 
 
@@ -97,8 +101,12 @@ def _scheduler(sweep: SweepConfig, exp: Experiment) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", max_t=exp.train.steps, grace_period=sweep.scheduler.grace_period,
-                         reduction_factor=sweep.scheduler.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=exp.train.steps,
+        grace_period=sweep.scheduler.grace_period,
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
 
 
 def _state(storage: str, name: str) -> tuple[Any, str]:
@@ -106,16 +114,18 @@ def _state(storage: str, name: str) -> tuple[Any, str]:
     return fs, root
 
 
-def _parent_run(sweep: SweepConfig, exp: Experiment, uri: str, storage: str, name: str, resume: bool,
-                sweep_file: Path) -> str:
+def _parent_run(
+    sweep: SweepConfig, exp: Experiment, uri: str, storage: str, name: str, resume: bool, sweep_file: Path
+) -> str:
     fs, path = _state(storage, name)
     if resume:
         if not fs.exists(path):
             raise CliplabError(f"--resume {name}: no sweep of that name under {storage}")
         return json.loads(fs.cat_file(path))["parent_run_id"]
     client = MlflowClient(uri)
-    parent = client.create_run(experiment_id(client, exp, uri), run_name=name,
-                               tags={"cliplab.sweep": sweep.name, "cliplab.sweep_run": name})
+    parent = client.create_run(
+        experiment_id(client, exp, uri), run_name=name, tags={"cliplab.sweep": sweep.name, "cliplab.sweep_run": name}
+    )
     client.log_param(parent.info.run_id, "sweep.metric", sweep.metric)
     client.log_param(parent.info.run_id, "sweep.mode", sweep.mode)
     client.log_param(parent.info.run_id, "sweep.num_samples", sweep.num_samples)
@@ -129,25 +139,42 @@ def _parent_run(sweep: SweepConfig, exp: Experiment, uri: str, storage: str, nam
     return parent.info.run_id
 
 
-def run_sweep(sweep: SweepConfig, base_tree: dict[str, Any], sweep_file: Path,
-              resume: str | None = None) -> SweepOutcome:
+def run_sweep(
+    sweep: SweepConfig, base_tree: dict[str, Any], sweep_file: Path, resume: str | None = None
+) -> SweepOutcome:
     """Run every trial to its end (or early stop / failure) and summarise on the parent run."""
     exp = validate_tree(base_tree, str(sweep_file))
     uri, storage = resolve_tracking_uri(exp), storage_root(exp)
     name = resume or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     parallel = concurrency(sweep, exp, ray.cluster_resources())
     parent = _parent_run(sweep, exp, uri, storage, name, resume is not None, sweep_file)
-    log.info("sweep %s: %d trial(s) at a time, each %s; MLflow parent run %s at %s", name, parallel,
-             trial_resources(sweep, exp), parent, uri)
+    log.info(
+        "sweep %s: %d trial(s) at a time, each %s; MLflow parent run %s at %s",
+        name,
+        parallel,
+        trial_resources(sweep, exp),
+        parent,
+        uri,
+    )
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_tree=base_tree, sweep=name, parent_run_id=parent, uri=uri,
-                             storage=storage, metric=sweep.metric),
+        tune.with_parameters(
+            run_trial,
+            base_tree=base_tree,
+            sweep=name,
+            parent_run_id=parent,
+            uri=uri,
+            storage=storage,
+            metric=sweep.metric,
+        ),
         {"CPU": sweep.trial_cpus},
     )
     fields = list(sweep.space)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[ProgressTable(fields, sweep.metric)], verbose=0,
+        name=name,
+        storage_path=storage,
+        callbacks=[ProgressTable(fields, sweep.metric)],
+        verbose=0,
         failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
     )
     path = f"{storage.rstrip('/')}/{name}"
@@ -155,10 +182,16 @@ def run_sweep(sweep: SweepConfig, base_tree: dict[str, Any], sweep_file: Path,
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=tune_space(sweep), run_config=run_config,
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                                        search_alg=_search(sweep, parallel),
-                                        scheduler=_scheduler(sweep, exp)),
+            trainable,
+            param_space=tune_space(sweep),
+            run_config=run_config,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                num_samples=sweep.num_samples,
+                search_alg=_search(sweep, parallel),
+                scheduler=_scheduler(sweep, exp),
+            ),
         )
     grid = tuner.fit()
     rows = _rows(grid, sweep, exp, uri, parent)
@@ -184,8 +217,17 @@ def _rows(grid: Any, sweep: SweepConfig, exp: Experiment, uri: str, parent: str)
             status = "EARLY_STOPPED"
         else:
             status = "TERMINATED"
-        rows.append(TrialRow(trial.trial_id, status, point, step, last.get(sweep.metric), run_id,
-                             str(error).strip().splitlines()[-1][:300] if error is not None else None))
+        rows.append(
+            TrialRow(
+                trial.trial_id,
+                status,
+                point,
+                step,
+                last.get(sweep.metric),
+                run_id,
+                str(error).strip().splitlines()[-1][:300] if error is not None else None,
+            )
+        )
         if run_id and status == "EARLY_STOPPED":
             client.set_tag(run_id, STATUS_TAG, "EARLY_STOPPED")
             client.set_terminated(run_id, "KILLED")
@@ -199,18 +241,31 @@ def _best(rows: list[TrialRow], sweep: SweepConfig) -> TrialRow | None:
     return (max if sweep.mode == "max" else min)(scored, key=lambda r: r.metric)
 
 
-def _summarise(sweep: SweepConfig, base_tree: dict[str, Any], uri: str, parent: str, rows: list[TrialRow],
-               best: TrialRow | None, source: str) -> None:
+def _summarise(
+    sweep: SweepConfig,
+    base_tree: dict[str, Any],
+    uri: str,
+    parent: str,
+    rows: list[TrialRow],
+    best: TrialRow | None,
+    source: str,
+) -> None:
     client = MlflowClient(uri)
     fields = list(sweep.space)
     logs = {f for f, d in sweep.space.items() if d.kind == "loguniform"}
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(parent, str(write_csv(rows, fields, sweep.metric, Path(tmp) / "results.csv")))
         if any(r.metric is not None for r in rows):
-            client.log_artifact(parent, str(metric_vs_fields(rows, fields, sweep.metric, logs,
-                                                             Path(tmp) / "metric_vs_fields.png")), "plots")
-            client.log_artifact(parent, str(parallel_coordinates(rows, fields, sweep.metric, logs,
-                                                                 Path(tmp) / "parallel_coordinates.png")), "plots")
+            client.log_artifact(
+                parent,
+                str(metric_vs_fields(rows, fields, sweep.metric, logs, Path(tmp) / "metric_vs_fields.png")),
+                "plots",
+            )
+            client.log_artifact(
+                parent,
+                str(parallel_coordinates(rows, fields, sweep.metric, logs, Path(tmp) / "parallel_coordinates.png")),
+                "plots",
+            )
         if best is not None:
             best_exp = experiment_at(base_tree, best.point, source)
             cfg = Path(tmp) / "best_config.yaml"

@@ -51,13 +51,25 @@ def child_run(exp: Experiment, uri: str, parent_run_id: str, sweep: str, trial_i
     found = find_child(client, experiment_id(client, exp, uri), parent_run_id, trial_id)
     if found:
         return found
-    tags = {TRIAL_TAG: trial_id, "cliplab.sweep": sweep, "ray.run_name": f"{sweep}-{trial_id}",
-            "cliplab.sampled": json.dumps(point)}
+    tags = {
+        TRIAL_TAG: trial_id,
+        "cliplab.sweep": sweep,
+        "ray.run_name": f"{sweep}-{trial_id}",
+        "cliplab.sampled": json.dumps(point),
+    }
     return create_run(exp, uri, f"{sweep}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
 
 
-def run_trial(point: dict[str, Any], *, base_tree: dict[str, Any], sweep: str, parent_run_id: str, uri: str,
-              storage: str, metric: str) -> None:
+def run_trial(
+    point: dict[str, Any],
+    *,
+    base_tree: dict[str, Any],
+    sweep: str,
+    parent_run_id: str,
+    uri: str,
+    storage: str,
+    metric: str,
+) -> None:
     """Tune function trainable: train the base experiment at `point` (a dict of dotted field -> value)."""
     trial_id = tune.get_context().get_trial_id()
     exp = experiment_at(base_tree, point, f"sweep {sweep} trial {trial_id}")
@@ -65,8 +77,9 @@ def run_trial(point: dict[str, Any], *, base_tree: dict[str, Any], sweep: str, p
     run_id = child_run(exp, uri, parent_run_id, sweep, trial_id, point)
     tracker = RunLogger(uri, run_id)
     tracker.tags({STATUS_TAG: "RUNNING"})
-    trainer = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage,
-                            callbacks=[MetricReports(metric)])
+    trainer = build_trainer(
+        exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage, callbacks=[MetricReports(metric)]
+    )
     try:
         trainer.fit()
     except Exception as exc:

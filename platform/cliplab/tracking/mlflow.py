@@ -47,7 +47,10 @@ def git_commit() -> str:
     """The source tree's commit, or 'unknown' outside a git checkout (e.g. a Ray working_dir upload)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -35,8 +35,12 @@ def loss_curves(series: dict[str, list[tuple[int, float]]], path: Path, title: s
         for name, points in evals.items():
             steps, values = zip(*points, strict=True)
             axes[0][1].plot(steps, values, marker="o", label=name)
-        axes[0][1].set(xlabel="step", ylabel="held-out metric", title="evaluation", ylim=(-1 if any(
-            k.startswith("probe/") for k in evals) else 0, 1))
+        axes[0][1].set(
+            xlabel="step",
+            ylabel="held-out metric",
+            title="evaluation",
+            ylim=(-1 if any(k.startswith("probe/") for k in evals) else 0, 1),
+        )
         axes[0][1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -48,11 +52,17 @@ def branch_slot_heatmap(metrics: dict[str, float], slots: list[str], branches: i
     """Which branch retrieves which caption slot: R@1 (image->text and text->image) per branch x slot."""
     fig, axes = plt.subplots(1, 2, figsize=(2 + 1.3 * len(slots) * 2, 1.5 + 0.5 * branches), squeeze=False)
     for ax, direction in zip(axes[0], ("i2t", "t2i"), strict=True):
-        grid = np.array([[metrics.get(f"branch{m}/{s}/{direction}_R1", np.nan) for s in slots]
-                         for m in range(branches)])
+        grid = np.array(
+            [[metrics.get(f"branch{m}/{s}/{direction}_R1", np.nan) for s in slots] for m in range(branches)]
+        )
         ax.imshow(grid, vmin=0, vmax=max(np.nanmax(grid), 1e-6) if np.isfinite(grid).any() else 1, cmap="viridis")
-        ax.set(xticks=range(len(slots)), xticklabels=slots, yticks=range(branches),
-               yticklabels=[f"branch {m}" for m in range(branches)], title=f"{direction} R@1")
+        ax.set(
+            xticks=range(len(slots)),
+            xticklabels=slots,
+            yticks=range(branches),
+            yticklabels=[f"branch {m}" for m in range(branches)],
+            title=f"{direction} R@1",
+        )
         for (m, c), value in np.ndenumerate(grid):
             ax.text(c, m, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
     fig.suptitle(title, fontsize=10)

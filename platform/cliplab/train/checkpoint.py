@@ -25,8 +25,9 @@ from cliplab.models.factory import CHECKPOINT_FILE, MODEL_FILE
 DS_DIR = "ds"
 
 
-def save(engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any], rank: int,
-         objective_state: dict[str, Any]) -> Path:
+def save(
+    engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any], rank: int, objective_state: dict[str, Any]
+) -> Path:
     """Write this rank's part of the step checkpoint into a fresh temp dir (collective)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"cliplab-ckpt-{step}-"))
     engine.save_checkpoint(str(tmp / DS_DIR), tag=f"step{step:08d}", client_state={"step": step})
@@ -38,8 +39,9 @@ def save(engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any
     return tmp
 
 
-def restore(engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint,
-            rank: int) -> tuple[int, dict | None, dict[str, Any]]:
+def restore(
+    engine: deepspeed.DeepSpeedEngine, checkpoint: Checkpoint, rank: int
+) -> tuple[int, dict | None, dict[str, Any]]:
     """Load engine, optimizer, schedule and RNG state; return (completed steps, data position, objective state)."""
     with checkpoint.as_directory() as d:
         _, client = engine.load_checkpoint(str(Path(d) / DS_DIR))

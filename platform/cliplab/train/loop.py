@@ -167,16 +167,25 @@ def _mean_across(values: dict[str, float], world: int, op: str = "mean") -> dict
 
 
 def _step_metrics(
-    engine: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor], scale: float, meter: Meter,
-    position: StreamPosition, flops: float | None, peak: float | None, world: int,
+    engine: Any,
+    loss: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+    scale: float,
+    meter: Meter,
+    position: StreamPosition,
+    flops: float | None,
+    peak: float | None,
+    world: int,
 ) -> dict[str, float]:
     """Loss and terms averaged over workers, lr, temperature, throughput and data health."""
     m = _mean_across({"loss": float(loss), **{k: float(v) for k, v in terms.items()}}, world)
     rates = _mean_across(meter.read(), world)
     skipped = position.state_dict()["skipped"]
     health = _mean_across(
-        {"data/skipped_samples": float(skipped.get("samples", 0)),
-         "data/skipped_shards": float(skipped.get("shards", 0))},
+        {
+            "data/skipped_samples": float(skipped.get("samples", 0)),
+            "data/skipped_shards": float(skipped.get("shards", 0)),
+        },
         world,
         op="sum",
     )
@@ -189,35 +198,71 @@ def _step_metrics(
 
 
 def _evaluate(
-    engine: Any, exp: Experiment, tokenizer: Any, pre: Preprocess, device: torch.device, dtype: torch.dtype,
-    rank: int, world: int, tracker: RunLogger | None, step: int,
+    engine: Any,
+    exp: Experiment,
+    tokenizer: Any,
+    pre: Preprocess,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int,
+    world: int,
+    tracker: RunLogger | None,
+    step: int,
 ) -> dict[str, float]:
     """Held-out zero-shot, retrieval and (optionally) misalignment-probe metrics; every rank embeds its share."""
     encoders = _eval_model(engine, exp, dtype, device)
     engine.eval()
     captions = exp.data.captions
     batches = eval_batches(
-        exp.data.val_shards, exp.eval.batch_size, pre.image_size, pre.mean, pre.std, tokenizer,
-        exp.data.caption_key, rank, world, exp.eval.max_samples, captions,
+        exp.data.val_shards,
+        exp.eval.batch_size,
+        pre.image_size,
+        pre.mean,
+        pre.std,
+        tokenizer,
+        exp.data.caption_key,
+        rank,
+        world,
+        exp.eval.max_samples,
+        captions,
     )
     try:
-        metrics = evaluate(encoders, tokenizer, batches, exp.eval.zeroshot, device,
-                           slots=captions.slots if captions else None)
+        metrics = evaluate(
+            encoders, tokenizer, batches, exp.eval.zeroshot, device, slots=captions.slots if captions else None
+        )
         if tracker and exp.model.branches and captions:
             with tempfile.TemporaryDirectory() as tmp:
-                png = branch_slot_heatmap(metrics, captions.slots, exp.model.branches.count,
-                                          Path(tmp) / f"branch_retrieval_step{step:08d}.png",
-                                          f"{exp.name} step {step}: per-branch R@1 by caption slot")
+                png = branch_slot_heatmap(
+                    metrics,
+                    captions.slots,
+                    exp.model.branches.count,
+                    Path(tmp) / f"branch_retrieval_step{step:08d}.png",
+                    f"{exp.name} step {step}: per-branch R@1 by caption slot",
+                )
                 tracker.artifact(png, "plots")
         if exp.eval.misalignment_probe:
-            probe = misalignment_probe(encoders, tokenizer, exp.data.val_shards, pre.image_size, pre.mean, pre.std,
-                                       exp.data.caption_key, rank, world, exp.eval.probe_images, device)
+            probe = misalignment_probe(
+                encoders,
+                tokenizer,
+                exp.data.val_shards,
+                pre.image_size,
+                pre.mean,
+                pre.std,
+                exp.data.caption_key,
+                rank,
+                world,
+                exp.eval.probe_images,
+                device,
+            )
             points = probe.pop("points")
             metrics.update(probe)
             if tracker:
                 with tempfile.TemporaryDirectory() as tmp:
-                    png = calibration_plot(points, Path(tmp) / f"misalignment_step{step:08d}.png",
-                                           f"{exp.name} ({exp.objective.name}) step {step}")
+                    png = calibration_plot(
+                        points,
+                        Path(tmp) / f"misalignment_step{step:08d}.png",
+                        f"{exp.name} ({exp.objective.name}) step {step}",
+                    )
                     tracker.artifact(png, "plots")
         return metrics
     finally:
@@ -239,8 +284,13 @@ def _eval_model(engine: Any, exp: Experiment, dtype: torch.dtype, device: torch.
 
 def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("logit_scale", "{:.1f}"), ("samples_per_s", "{:.0f}"),
-                     ("data_wait_frac", "{:.0%}")):
+    for key, fmt in (
+        ("loss", "{:.4f}"),
+        ("lr", "{:.2e}"),
+        ("logit_scale", "{:.1f}"),
+        ("samples_per_s", "{:.0f}"),
+        ("data_wait_frac", "{:.0%}"),
+    ):
         if key in m:
             parts.append(f"{key} " + fmt.format(m[key]))
     parts += [f"{k} {v:.3f}" for k, v in m.items() if is_headline(k)]

@@ -32,7 +32,11 @@ log = logging.getLogger("cliplab.trainer")
 # Endpoints and settings only: a runtime env is shown in Ray's dashboard and job API, so credentials
 # reach workers through their own environment (inherited by a local Ray, a Kubernetes Secret on KubeRay).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
     "TORCH_EXTENSIONS_DIR",
 )
 RUN_FILE = "cliplab_run.json"
@@ -90,8 +94,9 @@ def loop_config(exp: Experiment, run_id: str, uri: str, storage: str, run_name: 
     }
 
 
-def build_trainer(exp: Experiment, run_name: str, loop_config: dict[str, Any], storage: str,
-                  callbacks: list[Any] | None = None) -> TorchTrainer:
+def build_trainer(
+    exp: Experiment, run_name: str, loop_config: dict[str, Any], storage: str, callbacks: list[Any] | None = None
+) -> TorchTrainer:
     """The TorchTrainer for this experiment (shared by `cliplab train` and sweep trials)."""
     s = exp.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
@@ -106,7 +111,9 @@ def build_trainer(exp: Experiment, run_name: str, loop_config: dict[str, Any], s
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
             placement_strategy=s.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -136,8 +143,12 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
     finish_run(exp, tracker, run_name)
     metrics = tracker.client.get_run(run_id).data.metrics
     return TrainOutcome(
-        run_name=run_name, mlflow_run_id=run_id, tracking_uri=uri, storage=f"{storage.rstrip('/')}/{run_name}",
-        metrics=metrics, checkpoint=result.checkpoint.path if result.checkpoint else None,
+        run_name=run_name,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        storage=f"{storage.rstrip('/')}/{run_name}",
+        metrics=metrics,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
     )
 
 
