@@ -1,8 +1,7 @@
-"""Every manifest in cluster/ validates against the KubeRay v1.7.0 CRD schemas in ../shared/kuberay-crds/.
+"""Every manifest in cluster/ validates against the KubeRay v1.7.0 CRD schemas vendored in cluster/crds/.
 
-The CRDs' openAPIV3Schema does not forbid unknown fields (the API server prunes them or, with strict field
-validation, refuses them), so objects that list `properties` are closed here, as Kubernetes' strict
-validation would; `required` keys that have a server-side default are dropped, since the server fills them.
+Validation closes every object schema (as Kubernetes' strict field validation does) and drops `required` keys
+that the server defaults: see `cliplab.cluster.crds`.
 """
 
 from __future__ import annotations
@@ -11,45 +10,20 @@ import copy
 import re
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 
+from cliplab.cluster import crds
+
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
-KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-
-
-def _strict(node: object) -> object:
-    if isinstance(node, dict):
-        node = {k: _strict(v) for k, v in node.items()}
-        props = node.get("properties")
-        if isinstance(props, dict):
-            if "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-                node["additionalProperties"] = False
-            defaults = {k for k, v in props.items() if isinstance(v, dict) and "default" in v}
-            if "required" in node:
-                node["required"] = [r for r in node["required"] if r not in defaults] or None
-                if node["required"] is None:
-                    del node["required"]
-        return node
-    if isinstance(node, list):
-        return [_strict(v) for v in node]
-    return node
-
-
-def schema(kind: str) -> dict:
-    crd = yaml.safe_load((CRDS / KINDS[kind]).read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+CRD_DIR = ROOT / "cluster" / "crds"
 
 
 def errors(doc: dict) -> list[str]:
-    validator = jsonschema.Draft4Validator(schema(doc["kind"]))
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    return crds.errors(doc, CRD_DIR)
 
 
-MANIFESTS = sorted(ROOT.glob("cluster/**/*.yaml"))
+MANIFESTS = sorted(p for p in ROOT.glob("cluster/**/*.yaml") if CRD_DIR not in p.parents)
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -93,7 +67,7 @@ EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.
 def _render(kind: str, config: str, extra: list[str]) -> dict:
     from cliplab.cluster.render import render
 
-    return render(kind, str(ROOT / config), "cliplab:2.60.0-py311-gpu", 8, extra)
+    return render(kind, str(ROOT / config), "cliplab:2.60.0-py311-gpu", 8, extra, repo=ROOT)
 
 
 @pytest.mark.parametrize("name", sorted(RENDERED))
@@ -125,6 +99,35 @@ def test_render_sizes_the_worker_group_from_scaling() -> None:
     cpu = _render("train", "configs/demo.yaml", [])["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert cpu["groupName"] == "cpu-workers"
     assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_the_vendored_crds_are_kuberay_v1_7_0_with_their_licence() -> None:
+    notice = (CRD_DIR / "README.md").read_text()
+    assert "v1.7.0" in notice and "Apache-2.0" in notice
+    assert "Apache License" in (CRD_DIR / "LICENSE").read_text()
+    for kind, name in crds.CRD_FILES.items():
+        crd = yaml.load((CRD_DIR / name).read_text(), Loader=crds.Loader)
+        assert crd["spec"]["names"]["kind"] == kind and crd["spec"]["group"] == "ray.io"
+
+
+def test_render_refuses_a_template_that_makes_an_invalid_rayjob(tmp_path: Path) -> None:
+    import shutil
+
+    from cliplab.cluster.render import render
+    from cliplab.errors import ConfigError
+
+    repo = tmp_path / "repo"
+    for part in ("pyproject.toml", "jobs", "cluster", "configs", "platform/cliplab/__init__.py"):
+        target = repo / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, target)
+    template = yaml.safe_load((repo / "cluster" / "raycluster.yaml").read_text())
+    template["spec"]["headGroupSpec"]["rayStartParms"] = {}
+    (repo / "cluster" / "raycluster.yaml").write_text(yaml.safe_dump(template))
+    with pytest.raises(
+        ConfigError, match=r"raycluster.yaml: the rendered RayJob is not valid KubeRay: .*rayStartParms"
+    ):
+        render("train", str(repo / "configs" / "demo.yaml"), "img", repo=repo)
 
 
 def test_an_invalid_rayjob_fails() -> None:
@@ -173,7 +176,7 @@ def test_fractional_gpus_per_worker_share_nodes_and_oversized_workers_are_refuse
 
     def sized(gpus_per_worker: float, workers: int) -> dict:
         exp = validate_tree({**tree, "scaling": {**tree["scaling"], "gpus_per_worker": gpus_per_worker}}, "test")
-        group = yaml.safe_load(TEMPLATE.read_text())["spec"]["workerGroupSpecs"][0]
+        group = yaml.safe_load((ROOT / TEMPLATE).read_text())["spec"]["workerGroupSpecs"][0]
         _size_workers(group, exp, workers, 1, 8)
         return group
 

@@ -23,7 +23,7 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_repo_and_its_package_go_with_endpoints_but_no_credentials(shell: None) -> None:
-    env = runtime_env([])
+    env = runtime_env(ROOT, [])
     assert env["working_dir"] == str(ROOT)
     assert env["py_modules"] == [str(ROOT / "platform" / "cliplab")], "workers import the submitted cliplab"
     assert env["env_vars"] == {
@@ -33,5 +33,5 @@ def test_the_repo_and_its_package_go_with_endpoints_but_no_credentials(shell: No
 
 
 def test_cluster_endpoints_send_only_what_env_names(shell: None) -> None:
-    env = runtime_env(["AWS_ACCESS_KEY_ID=AKIA-explicit"], local_endpoints=False)
+    env = runtime_env(ROOT, ["AWS_ACCESS_KEY_ID=AKIA-explicit"], local_endpoints=False)
     assert env["env_vars"] == {"AWS_ACCESS_KEY_ID": "AKIA-explicit"}

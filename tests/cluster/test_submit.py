@@ -205,7 +205,7 @@ def test_workers_import_the_submitted_cliplab(ray_head):
         "import ray; ray.init(); "
         "print('worker imports', ray.get(ray.remote(lambda: __import__('cliplab').__file__).remote()))"
     )
-    job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env([]))
+    job = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env(ROOT, []))
     deadline = time.monotonic() + 300
     while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
         time.sleep(1)

@@ -1,27 +1,32 @@
 """`cliplab cluster render CONFIG`: a KubeRay RayJob (ray.io/v1) for an experiment, sweep or evaluation.
 
-The RayCluster part starts from `cluster/raycluster.yaml` and takes from the experiment config what decides
+The RayCluster part starts from the checkout's `cluster/raycluster.yaml` (the checkout holding the working
+directory, or `--repo`) and takes from the experiment config what decides
 the cluster's shape: the image, how many GPU workers a node holds (`--gpus-per-node` over
 `scaling.gpus_per_worker`), how many nodes the job needs (`scaling.num_workers`, times `max_concurrent` trials
 for a sweep; one worker's worth for an evaluation, which runs as one task) and each node's CPU and GPU limits.
 CPU-only experiments get CPU nodes. The job runs the
-`jobs/` entrypoint from the image's copy of the repository (`APP_DIR`, the Dockerfile's WORKDIR).
+`jobs/` entrypoint from the image's copy of the repository (`APP_DIR`, the Dockerfile's WORKDIR). The manifest is
+validated against the KubeRay CRDs in `cluster/crds/` before it is returned.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cliplab.cluster import crds
+from cliplab.cluster.repo import find_repo
 from cliplab.config import Experiment, load_experiment, validate_tree
 from cliplab.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[3]
-TEMPLATE = ROOT / "cluster" / "raycluster.yaml"
+TEMPLATE = Path("cluster") / "raycluster.yaml"
+CRD_DIR = Path("cluster") / "crds"
 APP_DIR = "/home/ray/cliplab"
 ENTRYPOINTS = {"train": "jobs/train.py", "sweep": "jobs/sweep.py", "evaluate": "jobs/evaluate.py"}
 
@@ -85,19 +90,21 @@ def render(
     gpus_per_node: int = 8,
     extra: list[str] | None = None,
     active_deadline_s: int = 7 * 24 * 3600,
+    repo: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The RayJob manifest (a dict) for `kind` of CONFIG (a path inside the repository)."""
+    """The RayJob manifest (a dict) for `kind` of CONFIG (a path inside the cliplab checkout `repo`)."""
     if kind not in ENTRYPOINTS:
         raise ConfigError(f"cluster render: kind must be one of {sorted(ENTRYPOINTS)}, got {kind!r}")
-    path = Path(config).resolve()
+    root = find_repo(repo)
+    path = Path(os.path.abspath(config))  # a symlinked config keeps its own path
     try:
-        relative = path.relative_to(ROOT)
+        relative = path.relative_to(root)
     except ValueError:
         raise ConfigError(
-            f"{config}: render a config inside the repository ({ROOT}); the image holds that copy"
+            f"{config}: render a config inside the repository ({root}); the image holds that copy"
         ) from None
     exp, jobs_at_once = _experiment(kind, path)
-    cluster = yaml.safe_load(TEMPLATE.read_text())
+    cluster = yaml.safe_load((root / TEMPLATE).read_text())
     spec = copy.deepcopy(cluster["spec"])
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
@@ -106,7 +113,7 @@ def render(
     _size_workers(spec["workerGroupSpecs"][0], exp, workers, jobs_at_once, gpus_per_node)
     command = " ".join(["python", ENTRYPOINTS[kind], "--config", str(relative), *(extra or [])])
     name = f"cliplab-{kind}-{exp.name}".lower().replace("_", "-").replace(".", "-")[:63].rstrip("-")
-    return {
+    manifest = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "cliplab", "cliplab/kind": kind}},
@@ -120,6 +127,10 @@ def render(
             "rayClusterSpec": spec,
         },
     }
+    problems = crds.errors(manifest, root / CRD_DIR)
+    if problems:
+        raise ConfigError(f"{root / TEMPLATE}: the rendered RayJob is not valid KubeRay: " + "; ".join(problems[:5]))
+    return manifest
 
 
 def render_yaml(manifest: dict[str, Any], header: str) -> str:

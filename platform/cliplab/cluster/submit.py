@@ -21,9 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cliplab.cluster.repo import find_repo
 from cliplab.errors import CliplabError, ConfigError
 
-ROOT = Path(__file__).resolve().parents[3]
 ENTRYPOINTS = {"train": "jobs/train.py", "sweep": "jobs/sweep.py", "evaluate": "jobs/evaluate.py"}
 SHIPPED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -62,21 +62,21 @@ def enable_token_auth() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def entrypoint(kind: str, config: str, overrides: list[str], extra: list[str]) -> str:
+def entrypoint(root: Path, kind: str, config: str, overrides: list[str], extra: list[str]) -> str:
     """The job's command line, with CONFIG relative to the repository root (the uploaded working dir)."""
-    path = Path(config).resolve()
+    path = Path(os.path.abspath(config))
     try:
-        relative = path.relative_to(ROOT)
+        relative = path.relative_to(root)
     except ValueError:
         raise ConfigError(
-            f"{config}: a submitted config must live inside the repository ({ROOT}), "
+            f"{config}: a submitted config must live inside the repository ({root}), "
             "which is what the job's working directory holds"
         ) from None
     args = ["python", ENTRYPOINTS[kind], "--config", str(relative), *(f"--set={o}" for o in overrides), *extra]
     return shlex.join(args)
 
 
-def runtime_env(env: list[str], local_endpoints: bool = True) -> dict[str, Any]:
+def runtime_env(root: Path, env: list[str], local_endpoints: bool = True) -> dict[str, Any]:
     """working_dir and the cliplab package, endpoints from this shell (unless the cluster's own are wanted: a
     port-forwarded http://127.0.0.1:5000 means nothing inside the cluster), the user's explicit `--env K=V`."""
     env_vars = {k: os.environ[k] for k in SHIPPED_ENV if os.environ.get(k)} if local_endpoints else {}
@@ -86,8 +86,8 @@ def runtime_env(env: list[str], local_endpoints: bool = True) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         env_vars[key] = value
     return {
-        "working_dir": str(ROOT),
-        "py_modules": [str(ROOT / "platform" / "cliplab")],
+        "working_dir": str(root),
+        "py_modules": [str(root / "platform" / "cliplab")],
         "excludes": EXCLUDES,
         "env_vars": env_vars,
     }
@@ -120,21 +120,23 @@ def submit(
     env: list[str],
     wait: bool = True,
     local_endpoints: bool = True,
+    repo: str | Path | None = None,
 ) -> str:
     """Submit, print the submission id, follow the logs until the job ends; raises JobFailed unless SUCCEEDED."""
+    root = find_repo(repo)
     check_config(kind, config, overrides)
     enable_token_auth()
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     submission_id = f"cliplab-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    command = entrypoint(kind, config, overrides, extra)
+    command = entrypoint(root, kind, config, overrides, extra)
     try:
         client = JobSubmissionClient(address)
         client.submit_job(
             entrypoint=command,
             submission_id=submission_id,
-            runtime_env=runtime_env(env, local_endpoints),
+            runtime_env=runtime_env(root, env, local_endpoints),
             metadata={"cliplab.kind": kind, "cliplab.config": config},
         )
     except AuthenticationError as exc:
