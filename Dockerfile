@@ -7,9 +7,9 @@ FROM rayproject/ray:2.60.0-py311-gpu
 USER ray
 RUN mkdir -p /home/ray/cliplab
 WORKDIR /home/ray/cliplab
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md requirements.lock ./
 COPY --chown=ray:users platform ./platform
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users configs ./configs
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c requirements.lock . \
     && python -c "import cliplab, deepspeed, mlflow, webdataset, open_clip"
