@@ -18,11 +18,10 @@ from pathlib import Path
 from cliplab.config import Experiment, load_experiment
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
+from cliplab.shipped import shipped_config
 
 log = logging.getLogger("cliplab.demo")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_CONFIG = CONFIGS / "demo.yaml"
 TRAIN_SAMPLES = 20000
 VAL_SAMPLES = 1000
 
@@ -73,7 +72,7 @@ def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, st
     started = time.time()
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    exp = load_experiment(DEMO_CONFIG, local_overrides(root, steps))
+    exp = load_experiment(shipped_config("demo.yaml"), local_overrides(root, steps))
     with embedded_synthscenes(exp, train_samples or TRAIN_SAMPLES):
         log.info("training %s for %d steps", exp.name, exp.train.steps)
         ensure_ray()

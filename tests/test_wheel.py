@@ -1,0 +1,78 @@
+"""The built wheel works outside the checkout: shipped configs are package data, cluster commands find the repo.
+
+The wheel goes into a scratch venv that reuses this environment's installed dependencies through a .pth
+line (which does not run this environment's own .pth files, so the editable cliplab stays out of sight).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, ROOT],
+        check=True,
+        cwd=tmp,
+    )
+    wheel = next(tmp.glob("cliplab-*.whl"))
+    env = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", env], check=True)
+    site = next((env / "lib").glob("python3.*/site-packages"))
+    (site / "_cliplab_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([env / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True)
+    return env
+
+
+def cliplab(env: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([env / "bin" / "cliplab", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_outside_the_checkout(wheel_env: Path, tmp_path: Path) -> None:
+    where = subprocess.run(
+        [wheel_env / "bin" / "python", "-c", "import cliplab; print(cliplab.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(wheel_env) in where.stdout, "the wheel's cliplab is imported, not the editable checkout"
+
+    assert cliplab(wheel_env, "demo", "--help", cwd=tmp_path).returncode == 0
+
+    listed = cliplab(wheel_env, "config", "list", cwd=tmp_path)
+    shipped = {Path(line).name: Path(line) for line in listed.stdout.split()}
+    assert {"demo.yaml", "mcd_demo.yaml", "sweep_mcd_weights.yaml"} <= set(shipped)
+    assert str(wheel_env) in str(shipped["demo.yaml"]) and shipped["demo.yaml"].is_file()
+    validated = cliplab(wheel_env, "config", "validate", str(shipped["demo.yaml"]), cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr
+    assert yaml.safe_load(validated.stdout)["name"] == "demo-clip"
+
+    outside = cliplab(wheel_env, "cluster", "render", str(shipped["demo.yaml"]), cwd=tmp_path)
+    assert outside.returncode == 2
+    assert "not inside a cliplab repository" in outside.stderr and "--repo" in outside.stderr
+    wrong = cliplab(wheel_env, "cluster", "render", "configs/demo.yaml", "--repo", str(tmp_path), cwd=tmp_path)
+    assert wrong.returncode == 2 and "not a cliplab repository" in wrong.stderr
+
+    rendered = cliplab(wheel_env, "cluster", "render", "configs/demo.yaml", cwd=ROOT)
+    assert rendered.returncode == 0, rendered.stderr
+    with_flag = cliplab(
+        wheel_env, "cluster", "render", str(ROOT / "configs/demo.yaml"), "--repo", str(ROOT), cwd=tmp_path
+    )
+    assert with_flag.returncode == 0, with_flag.stderr
+    for out in (rendered.stdout, with_flag.stdout):
+        doc = yaml.safe_load(out)
+        assert (
+            doc["kind"] == "RayJob" and "python jobs/train.py --config configs/demo.yaml" in doc["spec"]["entrypoint"]
+        )
