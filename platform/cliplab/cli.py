@@ -12,7 +12,7 @@ from cliplab.errors import CliplabError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("config", help="experiment YAML (shipped ones: cliplab config list)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -30,6 +30,14 @@ def _embedded_args(p: argparse.ArgumentParser) -> None:
         help="start the embedded S3 endpoint and write SynthScenes first, as `cliplab demo` does",
     )
     p.add_argument("--workdir", default="cliplab-demo", help="with --embedded: MLflow store and checkpoints")
+
+
+def _repo_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repo",
+        metavar="DIR",
+        help="the cliplab checkout to use (default: the one holding the working directory)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -120,6 +128,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         args.env,
         wait=not args.no_wait,
         local_endpoints=not args.cluster_endpoints,
+        repo=args.repo,
     )
     return 0
 
@@ -128,7 +137,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from cliplab.cluster.render import render, render_yaml
 
     extra = (["--model", args.model] if args.model else []) + (["--run", args.run] if args.run else [])
-    manifest = render(args.kind, args.config, args.image, args.gpus_per_node, extra)
+    manifest = render(args.kind, args.config, args.image, args.gpus_per_node, extra, repo=args.repo)
     command = " ".join(["cliplab cluster render", args.config, "--kind", args.kind, *extra])
     print(render_yaml(manifest, f"rendered by: {command}"), end="")
     return 0
@@ -185,6 +194,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from cliplab.config import dump_yaml, load_experiment
 
     print(dump_yaml(load_experiment(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cliplab.shipped import shipped_configs
+
+    for path in shipped_configs():
+        print(path)
     return 0
 
 
@@ -246,6 +263,7 @@ def parser() -> argparse.ArgumentParser:
         help="send none of this shell's MLFLOW_TRACKING_URI / S3 endpoint / region: the cluster's own "
         "environment (its ConfigMap) applies",
     )
+    _repo_arg(sb)
     sb.set_defaults(func=cmd_submit)
 
     cl = sub.add_parser("cluster", help="KubeRay manifests").add_subparsers(dest="cluster", required=True)
@@ -256,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-node", type=int, default=8)
     r.add_argument("--model", help="evaluate: export dir")
     r.add_argument("--run", help="evaluate: MLflow run id")
+    _repo_arg(r)
     r.set_defaults(func=cmd_render)
 
     d = sub.add_parser("demo", help="embedded S3 + local Ray + MLflow: synth data, train, evaluate")
@@ -297,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
     _config_args(v)
     v.set_defaults(func=cmd_validate)
     c.add_parser("schema", help="JSON schema of the experiment config").set_defaults(func=cmd_schema)
+    c.add_parser("list", help="paths of the shipped experiment and sweep configs").set_defaults(func=cmd_list)
     return p
 
 

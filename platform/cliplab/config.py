@@ -194,7 +194,8 @@ class TrackingConfig(Strict):
     experiment: str = "cliplab"
     run_name: str | None = None
     artifact_location: str | None = Field(None, description="artifact root for a new experiment, e.g. s3://b/mlflow")
-    log_model: bool = True
+    log_model: bool = Field(True, description="log the exported model to MLflow and register a model version")
+    registered_model: str | None = Field(None, description="registry name of the model (default: cliplab-NAME)")
 
 
 class ZeroShotTask(Strict):

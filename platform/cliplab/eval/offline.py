@@ -18,11 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import Experiment
 from cliplab.errors import ConfigError
-from cliplab.tracking.mlflow import RunLogger, create_run, resolve_tracking_uri
+from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
 from cliplab.train.trainer import FORWARDED_ENV
 
 log = logging.getLogger("cliplab.evaluate")
-MODEL_URI_TAG = "cliplab.model_uri"
 
 
 def model_location(uri: str, model: str | None, run_id: str | None) -> str:

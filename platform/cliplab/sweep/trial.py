@@ -87,4 +87,4 @@ def run_trial(
         tracker.finish("FAILED")
         raise
     tracker.tags({STATUS_TAG: "TERMINATED"})
-    finish_run(exp, tracker, run_name)
+    finish_run(exp, tracker, run_name, register=False)  # a sweep registers no trial's model

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from cliplab.config import Experiment
 
 MAX_PARAM_LEN = 6000
+MODEL_URI_TAG = "cliplab.model_uri"  # where a run's export lies (local or s3://), set by rank 0
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training view
 
 
 def resolve_tracking_uri(exp: Experiment) -> str:
@@ -37,10 +39,15 @@ def default_artifact_location(uri: str, exp: Experiment) -> str | None:
 
 
 def experiment_id(client: MlflowClient, exp: Experiment, uri: str) -> str:
+    """The experiment's id, created if needed, filed as model training (MLflow 3 files a kindless one as GenAI)."""
     found = client.get_experiment_by_name(exp.tracking.experiment)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(exp.tracking.experiment, artifact_location=default_artifact_location(uri, exp))
+    if found is None:
+        location = default_artifact_location(uri, exp)
+        return client.create_experiment(exp.tracking.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in found.tags:  # a kind the user chose stays
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def git_commit() -> str:

@@ -28,7 +28,7 @@ from cliplab.eval.probes import calibration_plot, misalignment_probe
 from cliplab.eval.runner import evaluate
 from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective
-from cliplab.tracking.mlflow import RunLogger
+from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger
 from cliplab.tracking.plots import branch_slot_heatmap, is_headline
 from cliplab.train import checkpoint
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict
@@ -298,7 +298,7 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
 
 
 def _export(state: dict[str, torch.Tensor], exp: Experiment, tracker: RunLogger, export_dir: str) -> None:
-    """Rank 0: write the open_clip checkpoint to storage and log it (or its URI) to MLflow."""
+    """Rank 0: write the open_clip checkpoint to storage and tag its URI on the run (the driver registers it)."""
     import fsspec
 
     local = Path(os.environ.get("TMPDIR", "/tmp")) / f"cliplab-export-{tracker.run_id}"
@@ -307,6 +307,4 @@ def _export(state: dict[str, torch.Tensor], exp: Experiment, tracker: RunLogger,
     fs.makedirs(root, exist_ok=True)
     for path in files.values():
         fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
-        if exp.tracking.log_model:
-            tracker.artifact(path, "model")
-    tracker.tags({"cliplab.model_uri": export_dir, "cliplab.open_clip_name": checkpoint.export_model_name(exp)})
+    tracker.tags({MODEL_URI_TAG: export_dir, "cliplab.open_clip_name": checkpoint.export_model_name(exp)})

@@ -23,8 +23,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cliplab.config import Experiment, dump_yaml
 from cliplab.errors import CliplabError
-from cliplab.tracking.mlflow import RunLogger, create_run, resolve_tracking_uri
+from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
 from cliplab.tracking.plots import is_headline, loss_curves
+from cliplab.tracking.registry import register_export
 from cliplab.train.loop import train_loop_per_worker
 
 log = logging.getLogger("cliplab.trainer")
@@ -152,9 +153,17 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
     )
 
 
-def finish_run(exp: Experiment, tracker: RunLogger, run_name: str, status: str = "FINISHED") -> None:
-    """Driver-side artifacts (resolved config, loss and eval curves from the run's history), then the status."""
-    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+def finish_run(
+    exp: Experiment, tracker: RunLogger, run_name: str, status: str = "FINISHED", register: bool = True
+) -> None:
+    """Driver-side artifacts (resolved config, loss and eval curves, the registered model), then the status."""
+    run = tracker.client.get_run(tracker.run_id)
+    metrics = run.data.metrics
+    export = run.data.tags.get(MODEL_URI_TAG)
+    if register and exp.tracking.log_model and export:
+        name = exp.tracking.registered_model or f"cliplab-{exp.name}"
+        version = register_export(tracker.client.tracking_uri, tracker.run_id, export, name)
+        log.info("registered %s as MLflow model %s version %d", export, name, version)
     curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or is_headline(k)]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
