@@ -170,6 +170,8 @@ def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
         str(ROOT / CONFIG),
         "--address",
         address,
+        "--repo",  # run from another directory: the checkout to upload is named
+        str(ROOT),
         "--set",
         f"storage.path={tmp_path / 'runs'}",
     ]
@@ -219,7 +221,18 @@ def test_cliplab_submit_without_the_cluster_token_is_refused_clearly(ray_head, t
     address, env = ray_head
     env = {**_job_env(env, tmp_path), "RAY_AUTH_TOKEN": "not-the-token"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cliplab.cli", "submit", "train", str(ROOT / CONFIG), "--address", address],
+        [
+            sys.executable,
+            "-m",
+            "cliplab.cli",
+            "submit",
+            "train",
+            str(ROOT / CONFIG),
+            "--address",
+            address,
+            "--repo",
+            ROOT,
+        ],
         env=env,
         capture_output=True,
         text=True,
