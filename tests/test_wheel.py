@@ -6,9 +6,12 @@ line (which does not run this environment's own .pth files, so the editable clip
 
 from __future__ import annotations
 
+import fnmatch
+import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,36 @@ def test_wheel_install_runs_outside_the_checkout(wheel_env: Path, tmp_path: Path
         assert (
             doc["kind"] == "RayJob" and "python jobs/train.py --config configs/demo.yaml" in doc["spec"]["entrypoint"]
         )
+
+
+def _docker_context(dest: Path) -> None:
+    """Copy what the Dockerfile's COPY lines take from the build context into `dest`, as the image lays it out."""
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        *sources, target = [t for t in line.split()[1:] if not t.startswith("--")]
+        for source in sources:
+            assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
+            to = dest / target / Path(source).name if target.endswith("/") else dest / target
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, to, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(ROOT / source, to)
+
+
+@pytest.mark.slow
+def test_the_docker_build_context_builds_a_wheel_with_the_configs(tmp_path: Path) -> None:
+    """What `docker build` runs, short of the base image: the COPY'd tree builds a wheel that ships the configs."""
+    context = tmp_path / "app"
+    context.mkdir()
+    _docker_context(context)
+    assert (context / "platform" / "cliplab" / "configs").is_symlink()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, context],
+        check=True,
+        cwd=tmp_path,
+    )
+    names = zipfile.ZipFile(next(tmp_path.glob("cliplab-*.whl"))).namelist()
+    assert {f"cliplab/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")} <= set(names)
+    assert "cliplab/cluster/render.py" in names
