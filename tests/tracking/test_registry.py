@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import mlflow
 import numpy as np
@@ -17,7 +18,7 @@ from cliplab.data.augment import eval_view
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
 from cliplab.tracking.mlflow import EXPERIMENT_KIND, create_run
-from cliplab.tracking.registry import register_export
+from cliplab.tracking.registry import register_export, using_tracking_uri
 from cliplab.train.checkpoint import export_open_clip
 
 TINY = {
@@ -52,6 +53,7 @@ def test_experiments_open_in_the_model_training_view(mlflow_uri) -> None:
 
 
 def test_export_is_a_registered_model_that_embeds_like_the_trained_one(mlflow_uri, tmp_path) -> None:
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     exp = experiment()
     torch.manual_seed(0)
     model, pre = build_model(exp.model)
@@ -64,8 +66,9 @@ def test_export_is_a_registered_model_that_embeds_like_the_trained_one(mlflow_ur
     version = MlflowClient(mlflow_uri).get_model_version("cliplab-reg", "2")
     assert version.run_id == run_id
 
-    mlflow.set_tracking_uri(mlflow_uri)
-    loaded = mlflow.pyfunc.load_model("models:/cliplab-reg/2")
+    with using_tracking_uri(mlflow_uri):
+        loaded = mlflow.pyfunc.load_model("models:/cliplab-reg/2")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "no tracking URI is left behind for later runs"
     texts = ["a red circle", "two blue squares"]
     with torch.no_grad():
         expected_text = model.encode_text(build_tokenizer(exp.model)(texts), normalize=True).numpy()

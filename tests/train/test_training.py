@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.tracking.registry import using_tracking_uri
 from cliplab.train.trainer import run_training
 from tarfaults import cut_inside_member, with_garbage_jpg
 
@@ -129,8 +130,8 @@ def test_train_tracks_checkpoints_and_exports(
     model, _, _ = open_clip.create_model_and_transforms("cliplab-e2e", pretrained=str(local / "open_clip_model.pt"))
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
     version = next(v for v in versions if v.run_id == run.info.run_id)
-    mlflow.set_tracking_uri(mlflow_uri)
-    registered = mlflow.pyfunc.load_model(f"models:/cliplab-e2e/{version.version}")
+    with using_tracking_uri(mlflow_uri):
+        registered = mlflow.pyfunc.load_model(f"models:/cliplab-e2e/{version.version}")
     tokens = open_clip.SimpleTokenizer(context_length=16)(["a red circle"])
     expected = model.encode_text(tokens, normalize=True).detach().numpy()
     assert registered.predict(pd.DataFrame({"text": ["a red circle"]})) == pytest.approx(expected, abs=1e-5)

@@ -9,8 +9,11 @@ loads), and `cliplab.models.factory.load_exported(DIR)` rebuilds the torch model
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -60,14 +63,27 @@ def _requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in ("cliplab", "open_clip_torch", "torch", "pillow")]
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for a while; it mirrors its URI into MLFLOW_TRACKING_URI, which every
+    later run in this process would then read, so the caller's environment is put back afterwards."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def register_export(tracking_uri: str, run_id: str, export_dir: str, model_name: str) -> int:
     """Log the export at `export_dir` (local or any fsspec URL) as the run's MLflow model; returns its version."""
     import fsspec
     from mlflow.models import Model
 
     fs, root = fsspec.core.url_to_fs(export_dir)
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(tracking_uri):
         local = f"{tmp}/{EXPORT_ARTIFACT}"
         fs.get(f"{root.rstrip('/')}/", local, recursive=True)
         info = Model.log(
