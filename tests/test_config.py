@@ -104,3 +104,11 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     again = tmp_path / "resolved.yaml"
     again.write_text(dump_yaml(exp))
     assert load_experiment(again) == exp
+
+
+def test_zeroshot_classnames_may_be_numbers(tmp_path: Path) -> None:
+    tree = base()
+    tree["data"]["val_shards"] = "s3://b/val.tar"
+    tree["eval"] = {"zeroshot": [{"name": "digits", "label_field": "label", "classnames": [0, 1, 2.5]}]}
+    exp = load_experiment(write(tmp_path, tree))
+    assert exp.eval.zeroshot[0].classnames == ["0", "1", "2.5"]

@@ -198,12 +198,23 @@ class TrackingConfig(Strict):
 
 
 class ZeroShotTask(Strict):
-    """Zero-shot classification: labels from a dotted field of the sample json, prompts from templates."""
+    """Zero-shot classification: labels from a dotted field of the sample json, prompts from templates.
+
+    A label is a class name, or an integer class index into `classnames` (img2dataset's extra columns and
+    many classification sets store class ids). Numeric classnames are used as the prompts' text.
+    """
 
     name: str
     label_field: str
     classnames: list[str] = Field(min_length=2)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
+
+    @field_validator("classnames", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [str(c) if isinstance(c, int | float) and not isinstance(c, bool) else c for c in v]
+        return v
 
     @field_validator("templates")
     @classmethod
