@@ -385,11 +385,20 @@ def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
     return exp
 
 
+def check_config_file(path: Path, kind: str = "config") -> None:
+    """Refuse a missing path and a directory with different messages (both used to read "no such file")."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise ConfigError(f"{path}: is a directory, not a {kind} file; give the YAML file itself{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {kind} file")
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read a YAML experiment file, apply `--set` overrides, validate; errors name file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+    check_config_file(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded."""
 
     def record(exc: Exception) -> bool:
-        errors.append(f"{url}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+        errors.append(f"{url}: {type(exc).__name__}: {_reason(exc)}")
         return False
 
     try:
@@ -58,6 +59,12 @@ def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     with stream:
         files = tar_file_expander([{"stream": stream, "url": url}], handler=record)
         yield from group_by_keys(files, handler=record)
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's message without the stream repr webdataset appends (`... @ <LocalFileOpener ...>`)."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return re.sub(r"\s*@\s*<[^<>]*>", "", text)
 
 
 def stable_seed(*parts: Any) -> int:
@@ -126,10 +133,11 @@ class Reader:
                         break
                     in_epoch += 1
                     yield (epoch, shard, j, in_epoch - 1), raw
-                if errors:
+                if errors or j < 0:
                     if (epoch, shard) >= tuple(self.read[:2]):  # not already counted before a resume
                         self.skipped["shards"] += 1
-                    log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, "; ".join(errors))
+                    reason = "; ".join(errors) or "no samples (an empty tar)"
+                    log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, reason)
                 if j >= 0:  # the shard gave samples (a cut shard's first part counts)
                     dead.clear()
                 else:
@@ -431,7 +439,9 @@ def inspect_shards(spec: str, n_show: int = 1) -> dict[str, Any]:
                     {"key": raw["__key__"], "url": url, "image_size": list(img.size), "caption": caption, "json": meta}
                 )
         per_shard[url] = n
-        errors += shard_errors
+        errors += shard_errors or ([f"{url}: no samples (an empty tar)"] if n == 0 else [])
+    if not any(per_shard.values()):
+        raise DataError(f"{spec}: no samples in its {len(per_shard)} shard(s): {'; '.join(errors[:3])}")
     return {
         "shards": len(per_shard),
         "samples": sum(per_shard.values()),
