@@ -36,7 +36,7 @@ def test_existing_shards_are_found_by_listing(s3_shards, tmp_path) -> None:
     (tmp_path / "a.tar").write_bytes(b"x")
     urls = [f"{s3_shards}/train/{i:05d}.tar" for i in range(5)] + [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
     assert existing_urls(urls) == set(urls[:3] + urls[5:6])
-    assert existing_urls([f"{s3_shards}/elsewhere/00000.tar"]) == set()
+    assert existing_urls([f"{s3_shards}/elsewhere/00000.tar", "s3://no-such-bucket-here/00000.tar"]) == set()
 
 
 def test_a_spec_that_matches_nothing_is_refused_naming_the_field(s3_shards) -> None:

@@ -52,7 +52,7 @@ def _existing(field: str, spec: str, urls: list[str]) -> list[str]:
 
 
 def existing_urls(urls: list[str]) -> set[str]:
-    """Which of the URLs exist, with one listing per folder (or S3 prefix)."""
+    """Which of the URLs exist, with one listing per folder (or S3 prefix); unlistable folders count as existing."""
     folders: dict[str, list[str]] = {}
     for url in urls:
         folders.setdefault(url.rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
@@ -66,8 +66,15 @@ def existing_urls(urls: list[str]) -> set[str]:
             listed = set(fs.ls(path.rsplit("/", 1)[0] if "/" in path else ".", detail=False))
         except FileNotFoundError:
             continue
-        except Exception as exc:
-            raise DataError(f"cannot list {group[0].rsplit('/', 1)[0]} ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # e.g. read-only credentials without list rights: the workers may still read
+            log.warning(
+                "cannot list %s (%s: %s); its shards are not checked",
+                group[0].rsplit("/", 1)[0],
+                type(exc).__name__,
+                exc,
+            )
+            found.update(group)
+            continue
         found.update(u for u in group if filesystem(u)[1] in listed)
     return found
 
