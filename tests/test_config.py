@@ -104,3 +104,49 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     again = tmp_path / "resolved.yaml"
     again.write_text(dump_yaml(exp))
     assert load_experiment(again) == exp
+
+
+def test_zeroshot_classnames_may_be_numbers(tmp_path: Path) -> None:
+    tree = base()
+    tree["data"]["val_shards"] = "s3://b/val.tar"
+    tree["eval"] = {"zeroshot": [{"name": "digits", "label_field": "label", "classnames": [0, 1, 2.5]}]}
+    exp = load_experiment(write(tmp_path, tree))
+    assert exp.eval.zeroshot[0].classnames == ["0", "1", "2.5"]
+
+
+def test_a_missing_config_and_a_directory_get_different_messages(tmp_path: Path) -> None:
+    write(tmp_path, base())
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such config file"):
+        load_experiment(tmp_path / "nope.yaml")
+    with pytest.raises(
+        ConfigError, match=r"is a directory, not a config file; give the YAML file itself; it holds exp"
+    ):
+        load_experiment(tmp_path)
+
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def test_inline_model_config_is_checked_against_open_clip_before_any_worker() -> None:
+    from cliplab.config import ModelConfig
+    from cliplab.models.factory import check_model
+
+    check_model(ModelConfig(config=TINY))
+    check_model(ModelConfig(name="ViT-B-32"))
+    wrong = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "width": "64", "layers": 1.5, "patchsize": 8}}
+    with pytest.raises(ConfigError) as err:
+        check_model(ModelConfig(config={**wrong, "embed_dim": "32"}))
+    for line in (
+        "model.config.embed_dim: expected int, got '32'",
+        "model.config.vision_cfg.width: expected int, got '64'",
+        "model.config.vision_cfg.layers: expected Union[Tuple[int, int, int, int], int], got 1.5",
+        "model.config.vision_cfg.patchsize: unknown key",
+    ):
+        assert line in str(err.value)
+    odd = {**TINY, "text_cfg": {**TINY["text_cfg"], "width": 33}}  # types fine, not divisible by heads
+    with pytest.raises(ConfigError, match=r"model\.config: open_clip cannot build this model"):
+        check_model(ModelConfig(config=odd))

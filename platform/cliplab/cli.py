@@ -56,12 +56,14 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from cliplab.config import load_experiment
     from cliplab.demo import embedded_synthscenes
+    from cliplab.preflight import check_before_ray
     from cliplab.runtime import check_fits, ensure_ray
     from cliplab.train.trainer import run_training, summary_table
 
     overrides = _overrides(args)
     exp = load_experiment(args.config, overrides)
     with embedded_synthscenes(exp) if args.embedded else contextlib.nullcontext():
+        check_before_ray(exp)
         ensure_ray()
         check_fits(exp)
         outcome = run_training(exp, resume=args.resume)
@@ -75,6 +77,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from cliplab.config import validate_tree
     from cliplab.demo import embedded_synthscenes
+    from cliplab.preflight import check_before_ray
     from cliplab.runtime import ensure_ray
     from cliplab.sweep.config import load_sweep
     from cliplab.sweep.report import trial_table
@@ -84,6 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep, base_tree = load_sweep(args.config, overrides)
     base = validate_tree(base_tree, args.config)
     with embedded_synthscenes(base) if args.embedded else contextlib.nullcontext():
+        check_before_ray(base)
         ensure_ray()
         outcome = run_sweep(sweep, base_tree, Path(args.config), resume=args.resume)
     print(trial_table(outcome.rows, list(sweep.space), sweep.metric))
@@ -99,11 +103,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cliplab.config import load_experiment
     from cliplab.eval.offline import evaluate_export, model_location
+    from cliplab.preflight import check_before_ray
     from cliplab.runtime import ensure_ray
     from cliplab.tracking.mlflow import resolve_tracking_uri
 
     exp = load_experiment(args.config, args.overrides)
     export = model_location(resolve_tracking_uri(exp), args.model, args.run)
+    check_before_ray(exp, train=False)
     ensure_ray()
     metrics, run_id = evaluate_export(exp, export, args.run)
     width = max(len(k) for k in metrics)
@@ -154,11 +160,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cliplab.compare import compare, table
     from cliplab.config import load_experiment
     from cliplab.demo import embedded_synthscenes
+    from cliplab.preflight import check_before_ray
     from cliplab.runtime import check_fits, ensure_ray
 
     overrides = _overrides(args)
     experiments = [load_experiment(c, overrides) for c in args.configs]
     with embedded_synthscenes(experiments[0]) if args.embedded else contextlib.nullcontext():
+        for exp in experiments:
+            check_before_ray(exp)
         ensure_ray()
         for exp in experiments:
             check_fits(exp)
@@ -192,8 +201,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from cliplab.config import dump_yaml, load_experiment
+    from cliplab.models.factory import check_model
 
-    print(dump_yaml(load_experiment(args.config, args.overrides)), end="")
+    exp = load_experiment(args.config, args.overrides)
+    check_model(exp.model)
+    print(dump_yaml(exp), end="")
     return 0
 
 

@@ -199,12 +199,23 @@ class TrackingConfig(Strict):
 
 
 class ZeroShotTask(Strict):
-    """Zero-shot classification: labels from a dotted field of the sample json, prompts from templates."""
+    """Zero-shot classification: labels from a dotted field of the sample json, prompts from templates.
+
+    A label is a class name, or an integer class index into `classnames` (img2dataset's extra columns and
+    many classification sets store class ids). Numeric classnames are used as the prompts' text.
+    """
 
     name: str
     label_field: str
     classnames: list[str] = Field(min_length=2)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
+
+    @field_validator("classnames", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [str(c) if isinstance(c, int | float) and not isinstance(c, bool) else c for c in v]
+        return v
 
     @field_validator("templates")
     @classmethod
@@ -375,11 +386,20 @@ def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
     return exp
 
 
+def check_config_file(path: Path, kind: str = "config") -> None:
+    """Refuse a missing path and a directory with different messages (both used to read "no such file")."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise ConfigError(f"{path}: is a directory, not a {kind} file; give the YAML file itself{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {kind} file")
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read a YAML experiment file, apply `--set` overrides, validate; errors name file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+    check_config_file(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -66,6 +66,7 @@ def embedded_synthscenes(exp: Experiment, train_samples: int = TRAIN_SAMPLES) ->
 
 def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, steps: int | None = None) -> None:
     """Run the demo end to end; everything it keeps goes under `workdir`."""
+    from cliplab.preflight import check_before_ray
     from cliplab.runtime import check_fits, ensure_ray
     from cliplab.train.trainer import run_training, summary_table
 
@@ -75,6 +76,7 @@ def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, st
     exp = load_experiment(shipped_config("demo.yaml"), local_overrides(root, steps))
     with embedded_synthscenes(exp, train_samples or TRAIN_SAMPLES):
         log.info("training %s for %d steps", exp.name, exp.train.steps)
+        check_before_ray(exp)
         ensure_ray()
         check_fits(exp)
         outcome = run_training(exp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -21,8 +22,25 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    log.info("starting a local Ray instance")
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=True)
+    log.info("starting a local Ray instance on 127.0.0.1")
+    start_local_ray(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=True)
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a local Ray whose GCS, raylet, agents and workers listen on 127.0.0.1 only (token auth as configured).
+
+    Ray turns a node address of 127.0.0.1 into the machine's IP (then every server listens on all interfaces)
+    unless its cluster mode is off, its setting RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once at import; it is
+    switched off for this start only, so that connecting to a cluster later still uses the real address.
+    """
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def check_fits(exp: Experiment) -> None:

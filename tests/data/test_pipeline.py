@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,31 @@ def test_corrupt_samples_and_shards_are_skipped_counted_and_named(shards, tmp_pa
     skipped = position.state_dict()["skipped"]
     assert skipped["samples"] >= 1 and skipped["shards"] >= 2
     assert "b.tar" in caplog.text and "missing.tar" in caplog.text
+    assert "b.tar: ReadError: unexpected end of data\n" in caplog.text
+    assert "object at 0x" not in caplog.text and " @ <" not in caplog.text
     assert len(set(keys)) > 29  # the good samples of both shards keep coming
+
+
+def test_an_empty_tar_is_a_skipped_shard_and_logged(shards, tmp_path, caplog) -> None:
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass  # a valid tar without members
+    good = expand_urls(shards)[0]
+    stream = Reader([good, str(tmp_path / "empty.tar")], cfg(shards, shuffle_buffer=0), 0, 1, None)
+    samples = stream.samples()
+    keys = [next(samples)[1]["__key__"] for _ in range(40)]  # past the end of epoch 0 (30 + 0 samples)
+    assert len(set(keys)) == 30
+    assert stream.skipped["shards"] >= 1
+    assert "empty.tar after 0 samples: no samples (an empty tar)" in caplog.text
+    report = inspect_shards(f"{tmp_path}/empty.tar,{good}")
+    assert report["per_shard"][str(tmp_path / "empty.tar")] == 0
+    assert f"{tmp_path}/empty.tar: no samples (an empty tar)" in report["shard_errors"]
+
+
+def test_inspecting_shards_without_samples_is_an_error(tmp_path) -> None:
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    with pytest.raises(DataError, match=r"no samples in its 2 shard\(s\): .*nope\.tar: no such object"):
+        inspect_shards(f"{tmp_path}/{{nope,empty}}.tar")
 
 
 @pytest.mark.parametrize("resampled", [False, True])

@@ -60,6 +60,18 @@ def test_zeroshot_counts_unknown_labels_and_scores_known_ones() -> None:
     assert wrong["top1"] == pytest.approx(4 / 6, rel=1e-5)
 
 
+def test_zeroshot_takes_class_index_labels_and_warns_once_about_unusable_ones(caplog) -> None:
+    classes = unit(6, 8, seed=1)
+    images = classes[[0, 1, 2, 3, 4, 5, 0, 0, 0]]
+    labels = [0, 1, 2, 3, 4, "f", 6, True, [0]]  # an index, a name, out of range, a bool, a list
+    with caplog.at_level("WARNING", logger="cliplab.eval"):
+        m = zeroshot_accuracy(images, classes, labels, list("abcdef"), task="ids")
+        again = zeroshot_accuracy(images, classes, labels, list("abcdef"), task="ids")
+    assert m == again and m["top1"] == 1.0 and m["n"] == 6 and m["n_excluded"] == 3
+    warnings = [r.getMessage() for r in caplog.records if "zeroshot ids" in r.getMessage()]
+    assert len(warnings) == 1 and "3 of 9 labels" in warnings[0] and "6" in warnings[0]
+
+
 def test_multi_branch_scores_average_branches_and_can_pick_one() -> None:
     x = unit(12, 16)
     same = torch.stack([x, x, x], dim=1)

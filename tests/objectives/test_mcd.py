@@ -106,6 +106,7 @@ def test_ema_teacher_follows_the_student_slowly(process_group) -> None:
     from cliplab.models.factory import build_model
     from cliplab.objectives import build_objective
     from cliplab.train.engine import build_engine, contrastive_step
+    from cliplab.train.throughput import training_flops_per_sample
 
     tiny = {
         "embed_dim": 16,
@@ -137,6 +138,7 @@ def test_ema_teacher_follows_the_student_slowly(process_group) -> None:
     }
     weight = engine.module.visual.conv1.weight
     w0 = safe_get_full_fp32_param(weight).clone()
+    assert training_flops_per_sample(engine.module, objective, batch) > 0  # the loop counts FLOPs first
     contrastive_step(engine, objective, [batch])
     w1 = safe_get_full_fp32_param(weight).clone()
     assert not torch.equal(w0, w1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -87,9 +88,14 @@ def test_train_tracks_checkpoints_and_exports(
     sections = {"deepspeed": {"zero_stage": zero, "precision": precision}, "objective": {"name": objective}}
     if zero == 3:  # uneven eval shares (32 + 31 samples in batches of 31): rank 0 encodes 2 batches, rank 1 one
         sections["eval"] = {"max_samples": 63, "batch_size": 31}
-    if objective == "mcd":
-        sections |= {"data": {"views": {"count": 2}}, "eval": {"misalignment_probe": True, "probe_images": 16}}
+    if objective == "mcd":  # with the EMA teacher: the FLOP counter and every step run it through the real loop
+        sections |= {
+            "objective": {"name": "mcd", "distill_teacher": "ema"},
+            "data": {"views": {"count": 2}},
+            "eval": {"misalignment_probe": True, "probe_images": 16},
+        }
     outcome = run_training(experiment(tmp_path, mlflow_uri, **sections))
+    assert not list(Path(tempfile.gettempdir()).glob(f"cliplab-export-{outcome.mlflow_run_id}*")), "export dir left"
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(outcome.mlflow_run_id)
@@ -124,6 +130,8 @@ def test_train_tracks_checkpoints_and_exports(
 
     fs = fsspec.filesystem("s3")
     assert fs.ls(f"{outcome.storage.removeprefix('s3://')}/export")
+    if objective == "mcd":
+        assert any(p.endswith("/objective_rank0.pt") for p in fs.ls(outcome.checkpoint)), "EMA tower checkpointed"
     local = tmp_path / "export"
     fs.get(f"{outcome.storage}/export/", str(local), recursive=True)
     open_clip.add_model_config(str(local / "cliplab-e2e.json"))

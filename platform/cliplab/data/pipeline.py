@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded."""
 
     def record(exc: Exception) -> bool:
-        errors.append(f"{url}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+        errors.append(f"{url}: {type(exc).__name__}: {_reason(exc)}")
         return False
 
     try:
@@ -58,6 +59,12 @@ def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
     with stream:
         files = tar_file_expander([{"stream": stream, "url": url}], handler=record)
         yield from group_by_keys(files, handler=record)
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's message without the stream repr webdataset appends (`... @ <LocalFileOpener ...>`)."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return re.sub(r"\s*@\s*<[^<>]*>", "", text)
 
 
 def stable_seed(*parts: Any) -> int:
@@ -126,10 +133,11 @@ class Reader:
                         break
                     in_epoch += 1
                     yield (epoch, shard, j, in_epoch - 1), raw
-                if errors:
+                if errors or j < 0:
                     if (epoch, shard) >= tuple(self.read[:2]):  # not already counted before a resume
                         self.skipped["shards"] += 1
-                    log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, "; ".join(errors))
+                    reason = "; ".join(errors) or "no samples (an empty tar)"
+                    log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, reason)
                 if j >= 0:  # the shard gave samples (a cut shard's first part counts)
                     dead.clear()
                 else:
@@ -335,6 +343,38 @@ def make_train_loader(
     return loader, StreamPosition(slots, start)
 
 
+def held_out_samples(
+    spec: str, caption_key: str, rank: int, world_size: int, max_samples: int
+) -> Iterator[tuple[str, Image.Image, str, dict]]:
+    """This rank's share of the first `max_samples` held-out samples: (key, image, caption, json).
+
+    Every rank reads every shard in order and keeps the samples whose global index i has i % W == rank,
+    so the ranks' shares are disjoint and together cover exactly the first max_samples samples, whatever
+    the number of shards. The index counts samples with an image and a caption; one whose bytes then fail
+    to decode is logged and dropped by its rank.
+    """
+    index = 0
+    for url in expand_urls(spec):
+        errors: list[str] = []
+        for raw in read_shard(url, errors):
+            if index >= max_samples:
+                break
+            if caption_key not in raw or not any(k in raw for k in IMAGE_KEYS):
+                continue
+            index += 1
+            if (index - 1) % world_size != rank:
+                continue
+            decoded = decode(raw, caption_key)
+            if decoded is None:
+                log.warning("eval: skipped sample %s in %s: undecodable image or caption", raw["__key__"], url)
+                continue
+            yield (raw["__key__"], *decoded)
+        if errors:
+            log.warning("eval: %s", "; ".join(errors))
+        if index >= max_samples:
+            return
+
+
 def eval_batches(
     spec: str,
     batch_size: int,
@@ -348,29 +388,15 @@ def eval_batches(
     max_samples: int,
     captions: CaptionsConfig | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Held-out batches without augmentation, in shard order; rank r reads shards[r::W] and keeps at most its
-    share of max_samples (max_samples // W, the first max_samples % W ranks one more): disjoint, deterministic.
+    """Held-out batches without augmentation: this rank's share of `held_out_samples`.
+
     With `captions`, batches also carry every caption slot (`texts`, `caption_own`)."""
-    urls = expand_urls(spec)[rank::world_size]
-    cap = max_samples // world_size + (rank < max_samples % world_size)
     rows: list[tuple[str, str, dict, torch.Tensor]] = []
-    taken = 0
-    for url in urls:
-        errors: list[str] = []
-        for raw in read_shard(url, errors):
-            if taken >= cap:
-                break
-            decoded = decode(raw, caption_key)
-            if decoded is None:
-                continue
-            img, caption, meta = decoded
-            rows.append((raw["__key__"], caption, meta, eval_view(img, image_size, mean, std)))
-            taken += 1
-            if len(rows) == batch_size:
-                yield _eval_batch(rows, tokenizer, captions)
-                rows = []
-        if errors:
-            log.warning("eval: %s", "; ".join(errors))
+    for key, img, caption, meta in held_out_samples(spec, caption_key, rank, world_size, max_samples):
+        rows.append((key, caption, meta, eval_view(img, image_size, mean, std)))
+        if len(rows) == batch_size:
+            yield _eval_batch(rows, tokenizer, captions)
+            rows = []
     if rows:
         yield _eval_batch(rows, tokenizer, captions)
 
@@ -413,7 +439,9 @@ def inspect_shards(spec: str, n_show: int = 1) -> dict[str, Any]:
                     {"key": raw["__key__"], "url": url, "image_size": list(img.size), "caption": caption, "json": meta}
                 )
         per_shard[url] = n
-        errors += shard_errors
+        errors += shard_errors or ([f"{url}: no samples (an empty tar)"] if n == 0 else [])
+    if not any(per_shard.values()):
+        raise DataError(f"{spec}: no samples in its {len(per_shard)} shard(s): {'; '.join(errors[:3])}")
     return {
         "shards": len(per_shard),
         "samples": sum(per_shard.values()),

@@ -23,8 +23,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from cliplab.data.augment import to_tensor
-from cliplab.data.pipeline import decode, read_shard, stable_seed
-from cliplab.data.shards import expand_urls
+from cliplab.data.pipeline import held_out_samples, stable_seed
 from cliplab.eval.zeroshot import lookup
 
 AREAS = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)
@@ -70,33 +69,18 @@ def misalignment_probe(
 ) -> dict[str, Any]:
     """Spearman correlations and the (distance, scale, share) points of every crop, gathered on every rank."""
     rows: list[tuple[float, float, float]] = []
-    cap = max_images // world_size + (rank < max_images % world_size)
-    seen = 0
-    for url in expand_urls(spec)[rank::world_size]:
-        for raw in read_shard(url, []):
-            if seen >= cap:
-                break
-            decoded = decode(raw, caption_key)
-            if decoded is None:
-                continue
-            img, caption, meta = decoded
-            seen += 1
-            caption = lookup(meta, caption_field) or caption
-            rng = random.Random(stable_seed(seed, "probe", raw["__key__"]))
-            boxes = [crop_for(img.width, img.height, a, rng) for a in AREAS]
-            crops = torch.stack(
-                [
-                    to_tensor(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=b), mean, std)
-                    for b in boxes
-                ]
-            ).to(device)
-            z = model.encode_image(crops, normalize=True).float()
-            u = model.encode_text(tokenizer([caption]).to(device), normalize=True).float()
-            cos = (z @ u[0]).mean(-1) if z.ndim == 3 else z @ u[0]  # multi-branch: mean over branches
-            for a, b, c in zip(AREAS, boxes, cos.cpu().tolist(), strict=True):
-                rows.append((2 - 2 * c, 1 - a, removed_share(meta.get("objects", []), b)))
-        if seen >= cap:
-            break
+    for key, img, caption, meta in held_out_samples(spec, caption_key, rank, world_size, max_images):
+        caption = lookup(meta, caption_field) or caption
+        rng = random.Random(stable_seed(seed, "probe", key))
+        boxes = [crop_for(img.width, img.height, a, rng) for a in AREAS]
+        crops = torch.stack(
+            [to_tensor(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=b), mean, std) for b in boxes]
+        ).to(device)
+        z = model.encode_image(crops, normalize=True).float()
+        u = model.encode_text(tokenizer([caption]).to(device), normalize=True).float()
+        cos = (z @ u[0]).mean(-1) if z.ndim == 3 else z @ u[0]  # multi-branch: mean over branches
+        for a, b, c in zip(AREAS, boxes, cos.cpu().tolist(), strict=True):
+            rows.append((2 - 2 * c, 1 - a, removed_share(meta.get("objects", []), b)))
     parts = [rows]
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         parts = [None] * world_size

@@ -32,7 +32,9 @@ def evaluate(
     for task in tasks:
         classes = class_embeddings(model, tokenizer, task.classnames, task.templates, device)
         labels = [lookup(meta, task.label_field) for meta in data["json"]]
-        for name, value in zeroshot_accuracy(data["image"], classes, labels, task.classnames, branch).items():
+        for name, value in zeroshot_accuracy(
+            data["image"], classes, labels, task.classnames, branch, task.name
+        ).items():
             out[f"zeroshot/{task.name}/{name}"] = value
         out[f"chance/{task.name}"] = 1.0 / len(task.classnames)
     main = retrieval_metrics(data["image"], data["text"], branch, data.get("caption"))

@@ -11,11 +11,15 @@ counterparts.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg
+from pydantic import TypeAdapter, ValidationError
 
 from cliplab.config import ModelConfig
 from cliplab.errors import ConfigError
@@ -36,18 +40,7 @@ class Preprocess:
 
 def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Preprocess]:
     """An open_clip CLIP model returning dict outputs, and its preprocessing constants."""
-    kwargs = {"nonscalar_logit_scale": True, "init_logit_scale": cfg.init_logit_scale}
-    if cfg.name is not None:
-        if cfg.name not in open_clip.list_models():
-            raise ConfigError(f"model.name: {cfg.name!r} is not an open_clip model (see open_clip.list_models())")
-        model = open_clip.create_model(cfg.name, output_dict=True, **kwargs)
-    else:
-        try:
-            model = open_clip.model.CLIP(**cfg.config, output_dict=True, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"model.config: not a valid open_clip CLIP config ({exc})") from None
-    if cfg.branches is not None:
-        install_branches(model, cfg.branches)
+    model = _create(cfg)
     if cfg.pretrained:
         _load_pretrained(model, cfg)
     pre = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
@@ -57,6 +50,76 @@ def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Preprocess]:
         mean=tuple(pre["mean"]),
         std=tuple(pre["std"]),
     )
+
+
+def _create(cfg: ModelConfig) -> torch.nn.Module:
+    """The architecture `cfg` names, with its branches, randomly initialised."""
+    kwargs = {"nonscalar_logit_scale": True, "init_logit_scale": cfg.init_logit_scale}
+    if cfg.name is not None:
+        _check_name(cfg.name)
+        model = open_clip.create_model(cfg.name, output_dict=True, **kwargs)
+    else:
+        try:
+            model = open_clip.model.CLIP(**cfg.config, output_dict=True, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model.config: not a valid open_clip CLIP config ({exc})") from None
+    if cfg.branches is not None:
+        install_branches(model, cfg.branches)
+    return model
+
+
+def _check_name(name: str) -> None:
+    if name not in open_clip.list_models():
+        raise ConfigError(f"model.name: {name!r} is not an open_clip model (see open_clip.list_models())")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Refuse, on the driver and without allocating weights, a model section the workers could not build.
+
+    An inline `model.config` is checked field by field against open_clip's CLIPVisionCfg / CLIPTextCfg
+    (JSON types: "64" is no int), then built on the meta device, which catches what the types allow but
+    open_clip refuses (e.g. a width that is no multiple of head_width).
+    """
+    if cfg.name is not None:
+        _check_name(cfg.name)
+        return
+    embed_dim = cfg.config["embed_dim"]
+    problems = [] if type(embed_dim) is int else [f"  model.config.embed_dim: expected int, got {embed_dim!r}"]
+    problems += _field_problems("vision_cfg", cfg.config["vision_cfg"], open_clip.model.CLIPVisionCfg)
+    problems += _field_problems("text_cfg", cfg.config["text_cfg"], open_clip.model.CLIPTextCfg)
+    if problems:
+        raise ConfigError("model.config does not fit open_clip's model config:\n" + "\n".join(problems))
+    try:
+        with torch.device("meta"):
+            _create(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"model.config: open_clip cannot build this model ({type(exc).__name__}: {exc})") from None
+
+
+def _field_problems(section: str, values: Any, schema: type) -> list[str]:
+    """One line per unknown key or wrongly typed value of an open_clip config dataclass."""
+    where = f"  model.config.{section}"
+    if not isinstance(values, dict):
+        return [f"{where}: expected a mapping of {schema.__name__} fields, got {values!r}"]
+    fields = {f.name: f.type for f in dataclasses.fields(schema)}
+    lines = [
+        f"{where}.{key}: unknown key (not a field of open_clip's {schema.__name__})"
+        for key in values
+        if key not in fields
+    ]
+    known = {k: v for k, v in values.items() if k in fields and v is not None}  # open_clip's configs use null freely
+    try:
+        TypeAdapter(schema).validate_json(json.dumps(known, default=str), strict=True)
+    except ValidationError as exc:
+        for key in dict.fromkeys(str(e["loc"][0]) for e in exc.errors() if e["loc"]):
+            lines.append(f"{where}.{key}: expected {_type_name(fields[key])}, got {known[key]!r}")
+    return lines
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def _load_pretrained(model: torch.nn.Module, cfg: ModelConfig) -> None:

@@ -115,17 +115,24 @@ def distill_loss(
 
 
 class EmaTower:
-    """An exponential moving average of the image tower's fp32 weights, run with torch.func (ZeRO <= 2)."""
+    """An exponential moving average of the image tower's fp32 weights, run with torch.func (ZeRO <= 2).
+
+    Takes the DeepSpeed engine (training) or the bare model it wraps (the FLOP counter passes that one).
+    """
 
     def __init__(self, decay: float):
         self.decay = decay
         self.state: dict[str, torch.Tensor] | None = None
 
     @staticmethod
-    def _current(engine: Any) -> dict[str, torch.Tensor]:
+    def _visual(model: Any) -> torch.nn.Module:
+        return getattr(model, "module", model).visual
+
+    @classmethod
+    def _current(cls, model: Any) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param  # deepspeed only where an engine exists
 
-        visual = engine.module.visual
+        visual = cls._visual(model)
         state = {}
         for name, p in visual.named_parameters():
             full = safe_get_full_fp32_param(p)
@@ -133,12 +140,12 @@ class EmaTower:
         state.update({name: b.detach().float().clone() for name, b in visual.named_buffers()})
         return state
 
-    def update(self, engine: Any) -> None:
-        current = self._current(engine)
+    def update(self, model: Any) -> None:
+        current = self._current(model)
         if self.state is None:
             self.state = current
             return
-        params = {name for name, _ in engine.module.visual.named_parameters()}
+        params = {name for name, _ in self._visual(model).named_parameters()}
         for name, value in current.items():
             if name in params:
                 self.state[name].lerp_(value, 1 - self.decay)
@@ -146,10 +153,10 @@ class EmaTower:
                 self.state[name] = value
 
     @torch.no_grad()
-    def __call__(self, engine: Any, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model: Any, image: torch.Tensor) -> torch.Tensor:
         if self.state is None:
-            self.update(engine)
-        return F.normalize(functional_call(engine.module.visual, self.state, (image.float(),)), dim=-1)
+            self.update(model)
+        return F.normalize(functional_call(self._visual(model), self.state, (image.float(),)), dim=-1)
 
 
 class McdObjective:

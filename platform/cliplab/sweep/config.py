@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cliplab.config import Experiment, apply_overrides, parse_override, validate_tree
+from cliplab.config import Experiment, apply_overrides, check_config_file, parse_override, validate_tree
 from cliplab.errors import ConfigError
 
 EVAL_PREFIXES = ("zeroshot/", "retrieval/", "probe/", "branch")
@@ -129,8 +129,7 @@ def _check_metric(sweep: SweepConfig, exp: Experiment, source: str) -> None:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
     """Read and check a sweep file; returns it and the base experiment's raw tree (overrides applied)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such sweep file")
+    check_config_file(path, "sweep")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
         sweep = SweepConfig.model_validate(raw)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -301,10 +300,10 @@ def _export(state: dict[str, torch.Tensor], exp: Experiment, tracker: RunLogger,
     """Rank 0: write the open_clip checkpoint to storage and tag its URI on the run (the driver registers it)."""
     import fsspec
 
-    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"cliplab-export-{tracker.run_id}"
-    files = checkpoint.export_open_clip(state, exp, local)
     fs, root = fsspec.core.url_to_fs(export_dir)
     fs.makedirs(root, exist_ok=True)
-    for path in files.values():
-        fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
+    with tempfile.TemporaryDirectory(prefix=f"cliplab-export-{tracker.run_id}-") as local:
+        files = checkpoint.export_open_clip(state, exp, Path(local))
+        for path in files.values():
+            fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
     tracker.tags({MODEL_URI_TAG: export_dir, "cliplab.open_clip_name": checkpoint.export_model_name(exp)})
