@@ -10,13 +10,20 @@ import pytest
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
 from fixtures_services import mlflow_uri, process_group, ray_local  # noqa: F401  (fixtures)
 
+# Credentials every test process and Ray worker sees: recognisable, so a test can look for leaks (moto takes any).
+TEST_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIACLIPLAB7LEAKCHECK",
+    "AWS_SECRET_ACCESS_KEY": "cliplab-leak-check-secret-5e1f",
+    "MLFLOW_TRACKING_PASSWORD": "cliplab-leak-check-password-a09c",
+}
+
 
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on a free loopback port, with the env vars every client (and Ray worker) reads."""
     saved = dict(os.environ)
     with start_s3_server() as server:
-        os.environ.update(s3_env(server.endpoint))
+        os.environ.update(s3_env(server.endpoint) | TEST_SECRETS)
         yield server
     os.environ.clear()
     os.environ.update(saved)

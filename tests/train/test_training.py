@@ -79,11 +79,25 @@ def experiment(tmp_path: Path, mlflow_uri: str, **sections):
     return validate_tree(tree, "test")
 
 
+def _assert_no_secret_leaked(tmp_path: Path, ray, captured) -> None:
+    """The session's credentials appear in no MLflow param, tag, metric or artifact (the store and artifact root
+    beside it hold them all), no Ray log of this session, and nothing the driver printed."""
+    from conftest import TEST_SECRETS
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for root in (tmp_path, session / "logs") for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".log" for p in files)
+    blobs = [(str(p), p.read_bytes()) for p in files] + [("driver output", (captured.out + captured.err).encode())]
+    for name, secret in TEST_SECRETS.items():
+        leaks = [where for where, blob in blobs if secret.encode() in blob]
+        assert leaks == [], f"{name} leaked into {leaks}"
+
+
 @pytest.mark.parametrize(
     ("zero", "precision", "objective"), [(1, "fp32", "clip"), (2, "bf16", "mcd"), (3, "fp32", "clip")]
 )
 def test_train_tracks_checkpoints_and_exports(
-    ray_local, synth_bucket, tmp_path, mlflow_uri, zero, precision, objective
+    ray_local, synth_bucket, tmp_path, mlflow_uri, zero, precision, objective, capfd
 ):
     sections = {"deepspeed": {"zero_stage": zero, "precision": precision}, "objective": {"name": objective}}
     if zero == 3:  # uneven eval shares (32 + 31 samples in batches of 31): rank 0 encodes 2 batches, rank 1 one
@@ -137,6 +151,8 @@ def test_train_tracks_checkpoints_and_exports(
     open_clip.add_model_config(str(local / "cliplab-e2e.json"))
     model, _, _ = open_clip.create_model_and_transforms("cliplab-e2e", pretrained=str(local / "open_clip_model.pt"))
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
+    if (zero, objective) == (1, "clip"):
+        _assert_no_secret_leaked(tmp_path, ray_local, capfd.readouterr())
     version = next(v for v in versions if v.run_id == run.info.run_id)
     with using_tracking_uri(mlflow_uri):
         registered = mlflow.pyfunc.load_model(f"models:/cliplab-e2e/{version.version}")
