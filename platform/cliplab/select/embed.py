@@ -6,7 +6,9 @@ parsing, fsspec/S3 with retries), decodes and resizes each image on CPU (`eval_v
 eval transform) and yields chunks of rows; the teacher runs in a fixed-size actor pool
 (`ActorPoolStrategy(size=embed.actors)`, one GPU per actor when `embed.gpus_per_actor` > 0, CPU
 otherwise) and embeds images and captions. Ray's own `read_webdataset` is avoided: it decodes
-every image at full size into a pandas frame per sample.
+every image at full size into a pandas frame per sample. With GPU actors the two stages run in
+separate processes; with a CPU teacher whose actors ask for as many CPUs as a read task, Ray Data
+fuses them (each actor then reads and decodes the shards it embeds), which is its own optimisation.
 
 The driver collects the embedded rows per source shard and writes a shard's output once all of its
 rows are there (the read task puts the shard's row count on its last chunk):
