@@ -43,6 +43,7 @@ def test_select_job_end_to_end(ray_local, synth_pool, teacher_export, mlflow_uri
         },
         "output": out,
         "embed": {"actors": 1, "cpus_per_actor": 0.5, "cpus_per_read": 0.5, "batch_size": 8},
+        "reshard": {"enabled": True, "samples_per_shard": 4},
         "tracking": {"tracking_uri": mlflow_uri},
     }
     path = tmp_path / "select.yaml"
@@ -77,5 +78,7 @@ def test_select_job_end_to_end(ray_local, synth_pool, teacher_export, mlflow_uri
     assert (m["select/kept_1_negclip"], m["select/kept_2_normsim_inf"], m["select/selected"]) == (8, 5, 6)
     assert 0 <= m["noisy/reject_precision"] <= 1 and 0 <= m["noisy/reject_recall"] <= 1
     assert run.data.tags["cliplab.subset_uri"] == f"{out}/subset.npy"
+    assert (m["reshard/shards"], m["reshard/samples"], m["reshard/missing_uids"]) == (2, 5, 1)  # DFN's uid: not here
+    assert run.data.tags["cliplab.reshard_shards"] == f"{out}/shards/{{00000..00001}}.tar"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"score_histograms.png", "selection.yaml"} <= names

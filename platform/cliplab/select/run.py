@@ -4,6 +4,7 @@ Outputs under `output`:
 - `embeddings/pool/`, `embeddings/target/`: the per-shard embedding parquet files (kept: a rerun of
   the same config resumes from them, and other recipes can be tried on them without re-embedding);
 - `subset.npy`: the selected uids in DataComp's format (uids.py);
+- `shards/` (with `reshard.enabled`): the selected samples as new WebDataset shards (reshard.py);
 - `scores.parquet`: every pool sample's uid, key, shard, `noisy` flag, each score, and one boolean
   column per recipe step (`kept_1`, ...) plus `selected` (the final subset after set algebra).
 The MLflow run (experiment `tracking.experiment`, default cliplab-select) gets the teacher, tau, K,
@@ -39,12 +40,14 @@ from cliplab.select.embed import embed_shards
 from cliplab.select.plots import score_histograms
 from cliplab.select.pool import Pool, load_pool
 from cliplab.select.recipes import apply_chain, combine
+from cliplab.select.reshard import reshard
 from cliplab.select.scores import clip_score, neg_clip_loss, norm_sim
 from cliplab.select.teacher import TeacherInfo, inspect, resolve
 from cliplab.tracking.mlflow import RunLogger, experiment_id, git_commit, resolve_tracking_uri
 
 log = logging.getLogger("cliplab.select")
 SUBSET_TAG = "cliplab.subset_uri"
+RESHARD_TAG = "cliplab.reshard_shards"  # brace spec of the resharded subset, for data.train_shards
 
 
 @dataclass
@@ -210,6 +213,18 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
         log.info("select: stage 5/5 writing %s/subset.npy and %s/scores.parquet", out, out)
         U.save_subset(f"{out}/subset.npy", U.to_hex(chosen))
         _write_scores(f"{out}/scores.parquet", pool, scores, kept, selected)
+        if cfg.reshard.enabled:
+            log.info("select: resharding %d uids into %s/shards", len(chosen), out)
+            result = reshard(pool.meta, chosen, f"{out}/shards", cfg.reshard.samples_per_shard, cfg.embed.cpus_per_read)
+            metrics.update(
+                {
+                    "reshard/shards": len(result.urls),
+                    "reshard/samples": result.samples,
+                    "reshard/missing_uids": result.missing_uids,
+                }
+            )
+            run_logger.tags({RESHARD_TAG: result.spec})
+            log.info("select: %d samples in %d new shards: %s", result.samples, len(result.urls), result.spec)
         plot = score_histograms(scores, selected, Path(work) / "score_histograms.png", cfg.name)
         run_logger.artifact(plot)
         config = Path(work) / "selection.yaml"
