@@ -73,3 +73,10 @@ def test_secrets_and_missing_files_are_refused(tmp_path) -> None:
         load_selection(write(tmp_path, {**BASE, "pool": {"shards": "x", "aws_secret_access_key": "k"}}))
     with pytest.raises(ConfigError, match="no such config file"):
         load_selection(tmp_path / "nope.yaml")
+
+
+def test_the_documented_config_validates(tmp_path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "data-selection.md").read_text()
+    block = doc.split("A selection config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load_selection(write(tmp_path, yaml.safe_load(block)))
+    assert cfg.teacher.export and cfg.target and not cfg.reshard.enabled
