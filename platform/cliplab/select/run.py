@@ -199,15 +199,15 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
         kept = apply_chain(scores, [s.step() for s in cfg.recipe.steps])
         uid = np.array(pool.meta.column("uid").to_pylist(), dtype=object)
         chosen = U.to_pairs(uid[kept[-1]])
-        for c in cfg.recipe.combine:
-            chosen = combine(chosen, c.op, U.load_subset(c.subset))
-            log.info("select: %s with %s -> %d uids", c.op, c.subset, len(chosen))
-        chosen_hex = set(U.to_hex(chosen))
-        selected = np.array([u in chosen_hex for u in uid], dtype=bool)
-        metrics["pool/size"] = n
         for i, (step, idx) in enumerate(zip(cfg.recipe.steps, kept, strict=True), 1):
             metrics[f"select/kept_{i}_{step.score}"] = len(idx)
             log.info("select: step %d (%s): %d of %d kept", i, step.score, len(idx), n)
+        for c in cfg.recipe.combine:
+            chosen = combine(chosen, c.op, U.load_subset(c.subset))
+            log.info("select: %s with %s -> %d uids", c.op, c.subset, len(chosen))
+        metrics["pool/size"] = n
+        chosen_hex = set(U.to_hex(chosen))
+        selected = np.array([u in chosen_hex for u in uid], dtype=bool)
         metrics["select/selected"] = len(chosen)
         metrics.update(noisy_metrics(pool.meta.column("noisy").to_numpy(), selected))
         log.info("select: stage 5/5 writing %s/subset.npy and %s/scores.parquet", out, out)
