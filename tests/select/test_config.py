@@ -46,6 +46,10 @@ def test_overrides_and_p_values(tmp_path) -> None:
     [
         ({"pool": {"shards": "x", "captionkey": "txt"}}, "pool.captionkey: unknown key"),
         (
+            {"pool": {"shards": "s3://b/{0..2}.tar s3://b/1.tar"}},
+            "pool.shards: Value error, names shards more than once",
+        ),
+        (
             {"teacher": {"export": "a", "run_id": "b"}},
             "teacher: Value error, give exactly one of name, export or run_id",
         ),

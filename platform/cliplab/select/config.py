@@ -14,7 +14,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cliplab.config import Strict, _describe, _find_secrets, apply_overrides
-from cliplab.errors import ConfigError
+from cliplab.data.shards import expand_urls
+from cliplab.errors import ConfigError, DataError
 from cliplab.select.recipes import Step
 
 
@@ -23,6 +24,18 @@ class PoolConfig(Strict):
 
     shards: str
     caption_key: str = Field("txt", description="sample field holding the caption")
+
+    @field_validator("shards")
+    @classmethod
+    def _distinct(cls, v: str) -> str:
+        try:
+            urls = expand_urls(v)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+        repeated = sorted({u for u in urls if urls.count(u) > 1})
+        if repeated:
+            raise ValueError(f"names shards more than once (their samples would count twice): {repeated[:3]}")
+        return v
 
 
 class TeacherConfig(Strict):
