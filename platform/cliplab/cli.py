@@ -329,6 +329,10 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     c.add_parser("schema", help="JSON schema of the experiment config").set_defaults(func=cmd_schema)
     c.add_parser("list", help="paths of the shipped experiment and sweep configs").set_defaults(func=cmd_list)
+
+    from cliplab.select.cli import add_parser as add_select  # data selection (issue 12)
+
+    add_select(sub)
     return p
 
 

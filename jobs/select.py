@@ -1,0 +1,28 @@
+"""`ray job submit ... -- python jobs/select.py --config select.yaml [--set k=v ...]`.
+
+Connects to the cluster the job runs in (RAY_ADDRESS, set by the job server), runs the selection job,
+exits non-zero with the reason on stderr on failure. Rerunning the same config resumes the embedding
+pass from the shards already embedded under its output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working_dir upload is not installed
+
+from cliplab.cli import main
+
+
+def run(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    return main(["select", args.config, *(f"--set={o}" for o in args.overrides)])
+
+
+if __name__ == "__main__":
+    sys.exit(run())

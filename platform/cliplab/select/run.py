@@ -1,0 +1,257 @@
+"""The selection job: embed the pool (and target) -> score -> recipe -> subset file, scores, MLflow run.
+
+Outputs under `output`:
+- `embeddings/pool/`, `embeddings/target/`: the per-shard embedding parquet files (kept: a rerun of
+  the same config resumes from them, and other recipes can be tried on them without re-embedding);
+- `subset.npy`: the selected uids in DataComp's format (uids.py);
+- `shards/` (with `reshard.enabled`): the selected samples as new WebDataset shards (reshard.py);
+- `scores.parquet`: every pool sample's uid, key, shard, `noisy` flag, each score, and one boolean
+  column per recipe step (`kept_1`, ...) plus `selected` (the final subset after set algebra).
+The MLflow run (experiment `tracking.experiment`, default cliplab-select) gets the teacher, tau, K,
+|B| (requested and used), seed, fractions and pool size as params; pool size, samples kept after
+each step, skipped samples and unreadable shards as metrics; histograms of every score as a PNG;
+and, when every pool sample has a json `noisy` flag (SynthScenes), precision and recall of
+*rejecting* noisy samples. Scoring runs in the driver process, on its GPU when it has one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+
+from cliplab.data.shards import expand_urls, filesystem
+from cliplab.select import uids as U
+from cliplab.select.config import SelectConfig, normsim_name
+from cliplab.select.embed import embed_shards
+from cliplab.select.plots import score_histograms
+from cliplab.select.pool import Pool, load_pool
+from cliplab.select.recipes import apply_chain, combine
+from cliplab.select.reshard import reshard
+from cliplab.select.scores import clip_score, neg_clip_loss, norm_sim
+from cliplab.select.teacher import TeacherInfo, inspect, resolve
+from cliplab.tracking.mlflow import RunLogger, experiment_id, git_commit, resolve_tracking_uri
+
+log = logging.getLogger("cliplab.select")
+SUBSET_TAG = "cliplab.subset_uri"
+RESHARD_TAG = "cliplab.reshard_shards"  # brace spec of the resharded subset, for data.train_shards
+
+
+@dataclass
+class SelectOutcome:
+    """Where the results are, and the headline numbers."""
+
+    run_id: str
+    subset: str
+    scores: str
+    pool_size: int
+    kept: list[int]
+    selected: int
+    metrics: dict[str, float]
+
+
+def compute_scores(
+    cfg: SelectConfig, pool: Pool, target: Pool | None, tau: float, device: torch.device
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every configured score of the pool (clipscore, negclip, normsim_*) and the batching used."""
+    scores = {"clipscore": clip_score(pool.image, pool.text, device)}
+    used: dict[str, Any] = {}
+    nc = cfg.scores.negclip
+    if nc is not None:
+        t0 = time.time()
+        scores["negclip"], batches = neg_clip_loss(
+            pool.image, pool.text, tau, nc.batch_size, nc.repeats, nc.seed, device
+        )
+        used["negclip.batch_size_used"] = batches.batch_size
+        log.info(
+            "select: negCLIPLoss, K=%d, |B|=%d (asked %d), %.1fs",
+            nc.repeats,
+            batches.batch_size,
+            nc.batch_size,
+            time.time() - t0,
+        )
+        if batches.batch_size < nc.batch_size:
+            log.warning(
+                "select: pool of %d < |B| = %d: one batch, the whole pool (deterministic)", len(pool), nc.batch_size
+            )
+    if target is not None:
+        for p in cfg.scores.normsim_p:
+            scores[normsim_name(p)] = norm_sim(pool.image, target.image, math.inf if p == "inf" else float(p), device)
+    return scores, used
+
+
+def noisy_metrics(noisy: np.ndarray, selected: np.ndarray) -> dict[str, float]:
+    """Precision and recall of rejecting the samples flagged `noisy` (only when every sample has the flag)."""
+    if len(noisy) == 0 or (noisy < 0).any():
+        return {}
+    bad, rejected = noisy == 1, ~selected
+    caught = float((bad & rejected).sum())
+    return {
+        "noisy/fraction": float(bad.mean()),
+        "noisy/reject_precision": caught / max(1, int(rejected.sum())),
+        "noisy/reject_recall": caught / max(1, int(bad.sum())),
+    }
+
+
+def static_params(cfg: SelectConfig, teacher: str, tau: float, tau_from: str) -> dict[str, Any]:
+    """The run's params known before any work: teacher, tau, K, |B| asked, seed, p, recipe fractions."""
+    nc = cfg.scores.negclip
+    out: dict[str, Any] = {
+        "teacher": teacher,
+        "tau": tau,
+        "tau_source": tau_from,
+        "pool.shards": cfg.pool.shards,
+        "target.shards": cfg.target.shards if cfg.target else None,
+        "normsim_p": cfg.scores.normsim_p,
+        "recipe": params_line(cfg),
+    }
+    if nc is not None:
+        out.update({"negclip.K": nc.repeats, "negclip.batch_size": nc.batch_size, "negclip.seed": nc.seed})
+    for i, step in enumerate(cfg.recipe.steps, 1):
+        out[f"step{i}.score"] = step.score
+        out[f"step{i}.{'fraction' if step.fraction else 'threshold'}"] = step.fraction or step.threshold
+    return out
+
+
+def _log_params(run_logger: RunLogger, params: dict[str, Any]) -> None:
+    batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    run_logger.client.log_batch(run_logger.run_id, params=batch)
+
+
+def _write_scores(
+    url: str, pool: Pool, scores: dict[str, np.ndarray], kept: list[np.ndarray], selected: np.ndarray
+) -> None:
+    n = len(pool)
+    cols: dict[str, Any] = {k: pool.meta.column(k) for k in ("uid", "key", "shard", "noisy")}
+    cols.update({k: pa.array(v) for k, v in scores.items()})
+    for i, idx in enumerate(kept, 1):
+        mask = np.zeros(n, dtype=bool)
+        mask[idx] = True
+        cols[f"kept_{i}"] = pa.array(mask)
+    cols["selected"] = pa.array(selected)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    fs, path = filesystem(url)
+    fs.pipe_file(path, buf.getvalue())
+
+
+def run_selection(cfg: SelectConfig) -> SelectOutcome:
+    """Run the whole job; the MLflow run is marked FAILED if any stage raises."""
+    uri = resolve_tracking_uri(cfg)  # reads only cfg.tracking, the same fields as an experiment's
+    source = resolve(cfg.teacher, uri)
+    log.info("select: stage 1/5 teacher %s", source.describe())
+    info = inspect(source)
+    tau, tau_from = (cfg.scores.tau, "config") if cfg.scores.tau else (info.tau, "teacher")
+    client = MlflowClient(uri)
+    tags = {
+        "cliplab.kind": "select",
+        "cliplab.selection": cfg.name,
+        "teacher": source.describe(),
+        "git_commit": git_commit(),
+    }
+    run = client.create_run(experiment_id(client, cfg, uri), run_name=cfg.tracking.run_name or cfg.name, tags=tags)
+    run_logger = RunLogger(uri, run.info.run_id)
+    try:
+        _log_params(run_logger, static_params(cfg, source.describe(), tau, tau_from))
+        outcome = _stages(cfg, info, tau, run_logger)
+    except BaseException:
+        run_logger.finish("FAILED")
+        raise
+    run_logger.finish()
+    log.info("select: MLflow run %s at %s", outcome.run_id, uri)
+    return outcome
+
+
+def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLogger) -> SelectOutcome:
+    out = cfg.output.rstrip("/")
+    pool_urls = expand_urls(cfg.pool.shards)
+    log.info("select: stage 2/5 embedding %d pool shards", len(pool_urls))
+    metrics = embed_shards(pool_urls, f"{out}/embeddings/pool", info, cfg.embed, cfg.pool.caption_key).metrics("pool")
+    target_urls = expand_urls(cfg.target.shards) if cfg.target else []
+    if target_urls:
+        log.info("select: stage 2/5 embedding %d target shards", len(target_urls))
+        stats = embed_shards(
+            target_urls, f"{out}/embeddings/target", info, cfg.embed, captions_optional=True, label="target"
+        )
+        metrics.update(stats.metrics("target"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="cliplab-select-") as work:
+        pool = load_pool(f"{out}/embeddings/pool", pool_urls, Path(work), "pool")
+        target = load_pool(f"{out}/embeddings/target", target_urls, Path(work), "target") if target_urls else None
+        n = len(pool)
+        log.info("select: stage 3/5 scoring %d samples on %s (tau %.4g)", n, device, tau)
+        scores, used = compute_scores(cfg, pool, target, tau, device)
+        _log_params(run_logger, {"pool_size": n, **used})
+        log.info("select: stage 4/5 recipe %s", params_line(cfg))
+        kept = apply_chain(scores, [s.step() for s in cfg.recipe.steps])
+        uid = np.array(pool.meta.column("uid").to_pylist(), dtype=object)
+        chosen = U.to_pairs(uid[kept[-1]])
+        for i, (step, idx) in enumerate(zip(cfg.recipe.steps, kept, strict=True), 1):
+            metrics[f"select/kept_{i}_{step.score}"] = len(idx)
+            log.info("select: step %d (%s): %d of %d kept", i, step.score, len(idx), n)
+        for c in cfg.recipe.combine:
+            chosen = combine(chosen, c.op, U.load_subset(c.subset))
+            log.info("select: %s with %s -> %d uids", c.op, c.subset, len(chosen))
+        metrics["pool/size"] = n
+        chosen_hex = set(U.to_hex(chosen))
+        selected = np.array([u in chosen_hex for u in uid], dtype=bool)
+        metrics["select/selected"] = len(chosen)
+        metrics.update(noisy_metrics(pool.meta.column("noisy").to_numpy(), selected))
+        log.info("select: stage 5/5 writing %s/subset.npy and %s/scores.parquet", out, out)
+        U.save_subset(f"{out}/subset.npy", U.to_hex(chosen))
+        _write_scores(f"{out}/scores.parquet", pool, scores, kept, selected)
+        if cfg.reshard.enabled:
+            log.info("select: resharding %d uids into %s/shards", len(chosen), out)
+            result = reshard(pool.meta, chosen, f"{out}/shards", cfg.reshard.samples_per_shard, cfg.embed.cpus_per_read)
+            metrics.update(
+                {
+                    "reshard/shards": len(result.urls),
+                    "reshard/samples": result.samples,
+                    "reshard/missing_uids": result.missing_uids,
+                }
+            )
+            run_logger.tags({RESHARD_TAG: result.spec})
+            log.info("select: %d samples in %d new shards: %s", result.samples, len(result.urls), result.spec)
+        plot = score_histograms(scores, selected, Path(work) / "score_histograms.png", cfg.name)
+        run_logger.artifact(plot)
+        config = Path(work) / "selection.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        run_logger.artifact(config)
+    run_logger.metrics(metrics, step=0)
+    run_logger.tags({SUBSET_TAG: f"{out}/subset.npy"})
+    log.info(
+        "select: %d of %d samples selected; %s",
+        len(chosen),
+        n,
+        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("noisy/")),
+    )
+    return SelectOutcome(
+        run_logger.run_id,
+        f"{out}/subset.npy",
+        f"{out}/scores.parquet",
+        n,
+        [len(k) for k in kept],
+        len(chosen),
+        metrics,
+    )
+
+
+def params_line(cfg: SelectConfig) -> str:
+    """The recipe as one readable line, e.g. `negclip top 0.3 -> normsim_inf top 0.2 (of the pool)`."""
+    steps = [
+        f"{s.score} {'top ' + str(s.fraction) if s.fraction else '>= ' + str(s.threshold)}" for s in cfg.recipe.steps
+    ]
+    return " -> ".join(steps) + " (fractions of the pool)" + "".join(f", {c.op} {c.subset}" for c in cfg.recipe.combine)
