@@ -179,6 +179,9 @@ class ScalingSection(Strict):
     gpus_per_worker: float = Field(1.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+    collective_timeout_s: int = Field(
+        600, gt=0, description="torch.distributed timeout: a lost peer fails the step after this (then a restart)"
+    )
 
 
 class StorageConfig(Strict):

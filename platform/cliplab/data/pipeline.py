@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from cliplab.data.augment import eval_view, misaligned_view, train_view
 from cliplab.data.captions import caption_slots, tokenize_slots
 from cliplab.data.shards import expand_urls, open_shard
 from cliplab.errors import DataError
+from cliplab.train.lifecycle import LoaderWorkerInit
 
 log = logging.getLogger("cliplab.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -331,6 +333,7 @@ def make_train_loader(
         collate_fn=_as_is,
         multiprocessing_context="fork" if cfg.num_workers else None,
         prefetch_factor=2 if cfg.num_workers else None,
+        worker_init_fn=LoaderWorkerInit(os.getpid()),
     )
     return loader, StreamPosition(slots, start)
 

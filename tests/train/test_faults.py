@@ -1,0 +1,147 @@
+"""Fault injection against the real parts: a SIGKILLed Ray Train worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cliplab.config import validate_tree
+from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.train.trainer import run_training
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "faults"
+TINY_MODEL = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+RECOVERY_BOUND_S = 420  # correctness bound (well inside pytest-timeout), not a speed target
+
+
+@pytest.fixture(scope="module")
+def fault_shards(s3_server) -> str:
+    from cliplab.embedded import create_bucket
+
+    create_bucket(s3_server.endpoint, BUCKET)
+    write_synthscenes(f"s3://{BUCKET}/train", SynthSpec(num_samples=256, samples_per_shard=64, image_size=32))
+    return f"s3://{BUCKET}/train/{{00000..00003}}.tar"
+
+
+def experiment(tmp_path: Path, mlflow_uri: str, shards: str, **sections: dict[str, Any]):
+    tree: dict[str, Any] = {
+        "name": "faults",
+        "data": {"train_shards": shards, "batch_size": 8, "num_workers": 1, "shuffle_buffer": 16, "image_size": 32},
+        "model": {"config": TINY_MODEL},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "deepspeed": {"zero_stage": 1, "precision": "fp32"},
+        "train": {"steps": 30, "log_every": 1, "checkpoint_every": 6},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1, "collective_timeout_s": 60},
+        "storage": {"path": f"s3://{BUCKET}/runs/{tmp_path.name}"},
+        "tracking": {"tracking_uri": mlflow_uri, "experiment": "faults"},
+    }
+    for section, values in sections.items():
+        tree[section] = {**tree.get(section, {}), **values}
+    return validate_tree(tree, "test")
+
+
+def in_thread(fn, *args) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run `fn(*args)` in a thread; the dict gets `result` or `error`."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = fn(*args)
+        except Exception as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def checkpoints(storage: str) -> list[str]:
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_step*") if fs.exists(storage) else []
+    return sorted(p.rsplit("/", 1)[-1] for p in found)
+
+
+def train_workers() -> list[psutil.Process]:
+    """This test process's Ray Train worker processes (the local Ray's raylet is our child).
+
+    Their forked DataLoader workers carry the same process title; they are the ones whose parent is a worker.
+    """
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    pids = {p.pid for p in found}
+    return [p for p in found if p.ppid() not in pids]
+
+
+def last_logged_step(client: MlflowClient) -> int:
+    """The latest `loss` step of the only run in the test's MLflow store (0 before the first)."""
+    found = client.get_experiment_by_name("faults")
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return max((m.step for r in runs for m in client.get_metric_history(r.info.run_id, "loss")), default=0)
+
+
+def loss_steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_sigkilled_worker_is_detected_and_run_resumes_from_checkpoint(ray_local, fault_shards, tmp_path, mlflow_uri):
+    exp = experiment(tmp_path, mlflow_uri, fault_shards)
+    thread, out = in_thread(run_training, exp)
+    client = MlflowClient(mlflow_uri)
+    after_checkpoint = exp.train.checkpoint_every + 2  # the step-6 report (a barrier) has completed
+    wait_for(lambda: last_logged_step(client) >= after_checkpoint, 300, f"step {after_checkpoint}")
+    workers = wait_for(lambda: len(w := train_workers()) == 2 and w, 30, "two train workers")
+    victim = workers[-1]
+    loader_children = victim.children(recursive=True)
+    assert loader_children, "the DataLoader worker is a child of the Ray worker"
+    saved = checkpoints(exp.storage.path)
+    killed_at = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+
+    _, alive = psutil.wait_procs(loader_children, timeout=10)
+    try:
+        assert not alive, f"DataLoader workers outlived their SIGKILLed parent: {alive}"
+        thread.join(RECOVERY_BOUND_S)
+        assert not thread.is_alive(), f"the run did not recover within {RECOVERY_BOUND_S} s of the kill"
+    finally:
+        for proc in alive:
+            proc.kill()
+    recovery = time.monotonic() - killed_at
+    assert "error" not in out, out.get("error")
+    outcome = out["result"]
+    assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
+    resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
+    latest = int(saved[-1].removeprefix("checkpoint_step"))
+    assert len(resumed) == 1 and resumed[0] >= latest > 0, (resumed, saved)
+    assert loss_steps(client, outcome.mlflow_run_id)[-1] == exp.train.steps
+    print(f"recovered from the SIGKILL in {recovery:.0f} s, resumed at step {resumed[0]:.0f}")
