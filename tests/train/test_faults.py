@@ -1,9 +1,11 @@
-"""Fault injection against the real parts: a SIGKILLed Ray Train worker."""
+"""Fault injection against the real parts: a SIGKILLed Ray Train worker, MLflow across restarts."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,9 +16,9 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cliplab.config import validate_tree
+from cliplab.config import dump_yaml, validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
-from cliplab.train.trainer import run_training
+from cliplab.train.trainer import TrainingFailed, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -143,5 +145,47 @@ def test_sigkilled_worker_is_detected_and_run_resumes_from_checkpoint(ray_local,
     resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
     latest = int(saved[-1].removeprefix("checkpoint_step"))
     assert len(resumed) == 1 and resumed[0] >= latest > 0, (resumed, saved)
-    assert loss_steps(client, outcome.mlflow_run_id)[-1] == exp.train.steps
+    assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, exp.train.steps + 1)), "each step logged once"
     print(f"recovered from the SIGKILL in {recovery:.0f} s, resumed at step {resumed[0]:.0f}")
+
+
+def only_run(client: MlflowClient):
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_sigint_marks_run_killed_and_resume_continues_it_once(ray_local, fault_shards, tmp_path, mlflow_uri):
+    name = f"sigint-{tmp_path.name}"
+    exp = experiment(tmp_path, mlflow_uri, fault_shards, train={"steps": 16}, tracking={"run_name": name})
+    config = tmp_path / "experiment.yaml"
+    config.write_text(dump_yaml(exp))
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "cliplab.cli", "train", str(config)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    client = MlflowClient(mlflow_uri)
+    try:
+        wait_for(lambda: last_logged_step(client) >= 8, 300, "step 8 of the driver's run")
+        driver.send_signal(signal.SIGINT)
+        driver.wait(120)
+    finally:
+        driver.kill()
+    killed = only_run(client)
+    assert killed.info.status == "KILLED", (tmp_path / "driver.log").read_text()[-3000:]
+
+    outcome = run_training(exp, resume=name)
+    assert outcome.mlflow_run_id == killed.info.run_id
+    assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
+    assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, 17)), "each step logged once"
+    resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
+    assert resumed and resumed[0] >= 6
+
+
+def test_failed_run_is_marked_failed(ray_local, fault_shards, tmp_path, mlflow_uri):
+    missing = f"s3://{BUCKET}/missing-{tmp_path.name}/{{00000..00003}}.tar"
+    exp = experiment(tmp_path, mlflow_uri, missing, scaling={"max_failures": 0})
+    with pytest.raises(TrainingFailed, match="none of the 4 shards is readable"):
+        run_training(exp)
+    assert only_run(MlflowClient(mlflow_uri)).info.status == "FAILED"

@@ -81,6 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader, position = make_train_loader(exp.data, tokenizer, pre.mean, pre.std, rank, world, data_state)
     batches = iter(loader)
     tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if tracker:
+        tracker.skip_logged_steps()
     if tracker and ckpt is not None:
         tracker.metrics({"resumed_from_step": step}, step)
 

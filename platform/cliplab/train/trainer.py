@@ -7,18 +7,23 @@ continues the same MLflow run, whose id is kept next to the checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import ray.train
+from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cliplab.config import Experiment, dump_yaml
@@ -45,6 +50,10 @@ SUMMARY_KEYS = ("loss", "samples_per_s", "data_wait_frac", "data/skipped_samples
 
 class TrainingFailed(CliplabError):
     """The Ray job failed after its retries; the message carries the worker's error."""
+
+
+class TrainingInterrupted(CliplabError):
+    """The run was stopped by a signal (SIGINT/SIGTERM) before its last step; `--resume` continues it."""
 
 
 @dataclass
@@ -77,7 +86,9 @@ def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: 
     if resume:
         if not fs.exists(path):
             raise CliplabError(f"--resume {run_name}: no run of that name ({_run_file(storage, run_name)} is missing)")
-        return json.loads(fs.cat_file(path))["mlflow_run_id"]
+        run_id = json.loads(fs.cat_file(path))["mlflow_run_id"]
+        MlflowClient(uri).update_run(run_id, status="RUNNING")  # it was KILLED or FAILED
+        return run_id
     run_id = create_run(exp, uri, run_name, parent_run_id=parent, tags={"ray.run_name": run_name})
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode())
@@ -135,11 +146,23 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
     run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id)
     log.info("run %s: storage %s/%s, MLflow run %s at %s", run_name, storage, run_name, run_id, uri)
     tracker = RunLogger(uri, run_id)
+    trainer = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage)
     try:
-        result = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage).fit()
+        with _sigterm_as_sigint():
+            result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        tracker.finish("KILLED")
+        raise
     except Exception as exc:
         tracker.finish("FAILED")
         raise TrainingFailed(f"run {run_name} failed: {exc}") from exc
+    done = (result.metrics or {}).get("step")
+    if done != exp.train.steps:  # Ray Train returns normally from a run aborted by SIGINT
+        tracker.finish("KILLED")
+        raise TrainingInterrupted(
+            f"run {run_name} was interrupted (last checkpoint: step {done or 0} of {exp.train.steps}); "
+            f"continue it with `cliplab train CONFIG --resume {run_name}`"
+        )
     finish_run(exp, tracker, run_name)
     metrics = tracker.client.get_run(run_id).data.metrics
     return TrainOutcome(
@@ -150,6 +173,25 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
         metrics=metrics,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """During `fit()`, SIGTERM takes Ray Train's graceful SIGINT path (abort the controller and its workers).
+
+    Ray installs its SIGINT handler inside `fit()`; both handlers are put back afterwards. Only the main
+    thread can set handlers (Tune trials and tests run this in other threads: nothing changes there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def finish_run(exp: Experiment, tracker: RunLogger, run_name: str, status: str = "FINISHED") -> None:
