@@ -188,6 +188,11 @@ class StorageConfig(Strict):
     """Where Ray keeps checkpoints and the exported model: a local path or s3:// (endpoint from env)."""
 
     path: str = "cliplab-runs"
+    outage_budget_s: float = Field(
+        300.0,
+        gt=0,
+        description="how long an unreachable S3 endpoint is retried (shard reads, checkpoints) before the run fails",
+    )
 
 
 class TrackingConfig(Strict):

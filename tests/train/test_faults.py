@@ -189,3 +189,84 @@ def test_failed_run_is_marked_failed(ray_local, fault_shards, tmp_path, mlflow_u
     with pytest.raises(TrainingFailed, match="none of the 4 shards is readable"):
         run_training(exp)
     assert only_run(MlflowClient(mlflow_uri)).info.status == "FAILED"
+
+
+@pytest.fixture(scope="module")
+def small_shards(s3_server) -> str:
+    """16 shards of 16 samples: each reader opens a new shard every other step, so outages hit reads."""
+    from cliplab.embedded import create_bucket
+
+    create_bucket(s3_server.endpoint, BUCKET)
+    write_synthscenes(f"s3://{BUCKET}/small", SynthSpec(num_samples=256, samples_per_shard=16, image_size=32))
+    return f"s3://{BUCKET}/small/{{00000..00015}}.tar"
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    """A proxy in front of the S3 endpoint; the run's driver, controller and workers all talk to it."""
+    from tcpproxy import TcpProxy
+
+    with TcpProxy((s3_server.host, s3_server.port)) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.endpoint)
+        yield p
+
+
+def losses(client: MlflowClient, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+
+
+def test_short_outages_during_shard_reads_and_checkpoint_upload_lose_nothing(
+    ray_local, small_shards, tmp_path, mlflow_uri, proxy, capfd
+):
+    def exp(name: str, experiment_name: str):
+        sections = {
+            "train": {"steps": 12},
+            "storage": {"path": f"s3://{BUCKET}/runs/{tmp_path.name}-{name}", "outage_budget_s": 90},
+            "tracking": {"tracking_uri": mlflow_uri, "experiment": experiment_name},
+        }
+        return experiment(tmp_path, mlflow_uri, small_shards, **sections)
+
+    reference = run_training(exp("reference", "faults-reference"))
+    client = MlflowClient(mlflow_uri)
+    outaged = exp("outages", "faults")
+    thread, out = in_thread(run_training, outaged)
+    wait_for(lambda: last_logged_step(client) >= 2, 300, "step 2")
+    proxy.outage(12).join()  # shard reads: every reader opens a new shard every other step
+    wait_for(lambda: last_logged_step(client) >= 5, 300, "step 5")
+    proxy.outage(12).join()  # the step-6 checkpoint is uploaded in here
+    thread.join(RECOVERY_BOUND_S)
+    assert not thread.is_alive() and "error" not in out, out.get("error")
+    outcome = out["result"]
+
+    logs = capfd.readouterr().out
+    assert "unreachable" in logs and "retrying" in logs, "the outages were hit (and waited out)"
+    assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
+    assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, 13)), "each step once, none lost"
+    assert not client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step"), "no restart"
+    assert client.get_run(outcome.mlflow_run_id).data.metrics["data/skipped_shards"] == 0
+    assert checkpoints(outaged.storage.path) == ["checkpoint_step00000006", "checkpoint_step00000012"]
+    expected = losses(client, reference.mlflow_run_id)
+    assert losses(client, outcome.mlflow_run_id) == pytest.approx(expected, rel=1e-4)
+
+
+def test_permanent_outage_fails_within_its_budget_naming_the_endpoint(
+    ray_local, small_shards, tmp_path, mlflow_uri, proxy
+):
+    budget = 20
+    exp = experiment(tmp_path, mlflow_uri, small_shards, storage={"outage_budget_s": budget})
+    thread, out = in_thread(run_training, exp)
+    client = MlflowClient(mlflow_uri)
+    wait_for(lambda: last_logged_step(client) >= 2, 300, "step 2")
+    proxy.down()
+    down_at = time.monotonic()
+    thread.join(RECOVERY_BOUND_S)
+    took = time.monotonic() - down_at
+    assert not thread.is_alive(), "the run did not fail"
+    error = out.get("error")
+    assert isinstance(error, TrainingFailed), error
+    assert proxy.endpoint in str(error) and f"s3://{BUCKET}/" in str(error), error
+    assert "storage.outage_budget_s" in str(error)
+    assert took < budget + 60, f"failed {took:.0f} s after the endpoint went down (budget {budget} s)"
+    assert only_run(client).info.status == "FAILED"
+    print(f"permanent outage: failed {took:.0f} s after the endpoint went down (budget {budget} s)")

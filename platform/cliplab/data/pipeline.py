@@ -36,7 +36,7 @@ from cliplab.config import CaptionsConfig, DataConfig
 from cliplab.data.augment import eval_view, misaligned_view, train_view
 from cliplab.data.captions import caption_slots, tokenize_slots
 from cliplab.data.shards import expand_urls, open_shard
-from cliplab.errors import DataError
+from cliplab.errors import DataError, StorageError
 from cliplab.train.lifecycle import LoaderWorkerInit
 
 log = logging.getLogger("cliplab.data")
@@ -46,9 +46,15 @@ Pos = tuple[int, int, int, int]  # epoch, shard index in the epoch's order, samp
 
 
 def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded."""
+    """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded.
+
+    Storage errors (endpoint unreachable past its budget, refused credentials) are raised, not recorded: the
+    shard is fine, the storage is not, and skipping it would silently drop it from the epoch.
+    """
 
     def record(exc: Exception) -> bool:
+        if isinstance(exc, StorageError):
+            raise exc
         errors.append(f"{url}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}")
         return False
 

@@ -21,6 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from cliplab import storage
 from cliplab.config import Experiment
 from cliplab.data.pipeline import StreamPosition, eval_batches, make_train_loader
 from cliplab.data.tokenize import build_tokenizer
@@ -58,6 +59,7 @@ class ForwardEncoders(torch.nn.Module):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp = Experiment.model_validate(config["experiment"])
+    storage.configure(exp.storage.outage_budget_s)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _log_to_stdout(rank)
@@ -303,14 +305,13 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
 
 def _export(state: dict[str, torch.Tensor], exp: Experiment, tracker: RunLogger, export_dir: str) -> None:
     """Rank 0: write the open_clip checkpoint to storage and log it (or its URI) to MLflow."""
-    import fsspec
-
     local = Path(os.environ.get("TMPDIR", "/tmp")) / f"cliplab-export-{tracker.run_id}"
     files = checkpoint.export_open_clip(state, exp, local)
-    fs, root = fsspec.core.url_to_fs(export_dir)
+    fs, root = storage.filesystem(export_dir)
     fs.makedirs(root, exist_ok=True)
     for path in files.values():
-        fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
+        target = f"{root.rstrip('/')}/{path.name}"
+        storage.retrying(lambda p=path, t=target: fs.put_file(str(p), t), "exporting", f"{export_dir}/{path.name}")
         if exp.tracking.log_model:
             tracker.artifact(path, "model")
     tracker.tags({"cliplab.model_uri": export_dir, "cliplab.open_clip_name": checkpoint.export_model_name(exp)})

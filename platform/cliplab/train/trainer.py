@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import ray.train
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cliplab import storage as stores
 from cliplab.config import Experiment, dump_yaml
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, StorageError
 from cliplab.tracking.mlflow import RunLogger, create_run, resolve_tracking_uri
 from cliplab.tracking.plots import is_headline, loss_curves
 from cliplab.train.loop import train_loop_per_worker
@@ -82,16 +82,22 @@ def _run_file(storage: str, run_name: str) -> str:
 
 def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: bool, parent: str | None) -> str:
     """The run's MLflow id: created now, or read back from the run's storage when resuming."""
-    fs, path = fsspec.core.url_to_fs(_run_file(storage, run_name))
+    url = _run_file(storage, run_name)
+    fs, path = stores.filesystem(url)
     if resume:
-        if not fs.exists(path):
-            raise CliplabError(f"--resume {run_name}: no run of that name ({_run_file(storage, run_name)} is missing)")
-        run_id = json.loads(fs.cat_file(path))["mlflow_run_id"]
+        if not stores.retrying(lambda: fs.exists(path), "reading", url):
+            raise CliplabError(f"--resume {run_name}: no run of that name ({url} is missing)")
+        run_id = json.loads(stores.retrying(lambda: fs.cat_file(path), "reading", url))["mlflow_run_id"]
         MlflowClient(uri).update_run(run_id, status="RUNNING")  # it was KILLED or FAILED
         return run_id
     run_id = create_run(exp, uri, run_name, parent_run_id=parent, tags={"ray.run_name": run_name})
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode())
+    body = json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode()
+    try:
+        stores.retrying(lambda: fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True), "creating", url)
+        stores.retrying(lambda: fs.pipe_file(path, body), "writing", url)
+    except Exception:
+        MlflowClient(uri).set_terminated(run_id, "FAILED")  # storage is unusable: no run will follow
+        raise
     return run_id
 
 
@@ -103,6 +109,20 @@ def loop_config(exp: Experiment, run_id: str, uri: str, storage: str, run_name: 
         "tracking_uri": uri,
         "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
     }
+
+
+class StopOnStorageError(ray.train.UserCallback):
+    """Fail the run at once when a worker hit a storage error (outage past its budget, refused credentials).
+
+    A worker-group restart would only wait out the same outage again (or be refused again), multiplying
+    the time to fail by `scaling.max_failures`. Ray Train's controller treats an error raised here as
+    its own, which it does not retry.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            if isinstance(error, StorageError):
+                raise error
 
 
 def build_trainer(
@@ -117,6 +137,7 @@ def build_trainer(
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / "cliplab-ray-workers"))
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    path, filesystem = stores.ray_storage(storage, stores.RetryPolicy(outage_budget_s=exp.storage.outage_budget_s))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -129,11 +150,12 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
-            callbacks=callbacks or [],
+            callbacks=[StopOnStorageError(), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # progress comes from rank 0's lines
         ),
     )
@@ -141,6 +163,7 @@ def build_trainer(
 
 def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str | None = None) -> TrainOutcome:
     """Run (or resume) a training job to the end; raises TrainingFailed with the worker's error."""
+    stores.configure(exp.storage.outage_budget_s)
     storage, uri = storage_root(exp), resolve_tracking_uri(exp)
     run_name = resume or exp.tracking.run_name or new_run_name(exp)
     run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id)
@@ -171,7 +194,7 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
         tracking_uri=uri,
         storage=f"{storage.rstrip('/')}/{run_name}",
         metrics=metrics,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=_checkpoint_uri(storage, result.checkpoint.path) if result.checkpoint else None,
     )
 
 
@@ -192,6 +215,12 @@ def _sigterm_as_sigint() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, saved[0])
         signal.signal(signal.SIGTERM, saved[1])
+
+
+def _checkpoint_uri(storage: str, path: str) -> str:
+    """Ray's checkpoint path on its storage filesystem, as a URL (s3:// paths reach Ray without the scheme)."""
+    scheme = storage.split("://", 1)[0] + "://" if "://" in storage else ""
+    return path if not scheme or path.startswith(scheme) else scheme + path
 
 
 def finish_run(exp: Experiment, tracker: RunLogger, run_name: str, status: str = "FINISHED") -> None:
