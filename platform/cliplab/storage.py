@@ -76,10 +76,6 @@ def configure(outage_budget_s: float) -> None:
     _policy = RetryPolicy(outage_budget_s=outage_budget_s)
 
 
-def policy() -> RetryPolicy:
-    return _policy
-
-
 def endpoint() -> str:
     """The S3 endpoint every client here talks to (AWS's own when no endpoint is set)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"

@@ -1,4 +1,4 @@
-"""Fault injection against the real parts: a SIGKILLed Ray Train worker, MLflow across restarts."""
+"""Fault injection against the real parts: killed workers, SIGINT, failures, storage outages."""
 
 from __future__ import annotations
 
@@ -270,3 +270,30 @@ def test_permanent_outage_fails_within_its_budget_naming_the_endpoint(
     assert took < budget + 60, f"failed {took:.0f} s after the endpoint went down (budget {budget} s)"
     assert only_run(client).info.status == "FAILED"
     print(f"permanent outage: failed {took:.0f} s after the endpoint went down (budget {budget} s)")
+
+
+def test_kill_during_checkpoint_upload_resumes_from_the_previous_complete_one(
+    ray_local, fault_shards, tmp_path, mlflow_uri, proxy, capfd
+):
+    exp = experiment(tmp_path, mlflow_uri, fault_shards, train={"steps": 18}, storage={"outage_budget_s": 120})
+    thread, out = in_thread(run_training, exp)
+    client = MlflowClient(mlflow_uri)
+    wait_for(lambda: last_logged_step(client) >= 11, 300, "step 11")
+    proxy.down()  # the step-12 upload now waits for the endpoint (shards for steps 9-16 are already read)
+    seen: list[str] = []
+
+    def upload_blocked() -> bool:  # a worker's retry line for the marker Ray checks first, or the checkpoint
+        seen.append(capfd.readouterr().out)
+        return any(k in "".join(seen) for k in (".validate_storage_marker: ", "checkpoint_step00000012"))
+
+    wait_for(upload_blocked, 120, "a checkpoint upload waiting for the endpoint")
+    victim = train_workers()[-1]
+    os.kill(victim.pid, signal.SIGKILL)
+    proxy.up()
+    thread.join(RECOVERY_BOUND_S)
+    assert not thread.is_alive() and "error" not in out, out.get("error")
+    outcome = out["result"]
+    assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
+    resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
+    assert resumed == [6], "the half-written step-12 checkpoint was never registered"
+    assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, 19)), "each step once"
