@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cliplab import cli
@@ -22,7 +22,7 @@ from cliplab.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 BASE = yaml.safe_load(DEMO.read_text())
-FIELD_LINE = re.compile(r"(^|\n)\s*[\w\[\]]+(\.[\w\[\]]+)*: ")
+FIELD_LINE = re.compile(r"(^|\n)\s*([\w\[\]]+(\.[\w\[\]]+)*: |[\w\[\]]+(\.[\w\[\]]+)+ )")
 
 
 def _paths(tree: dict, prefix: str = "") -> list[str]:
@@ -51,7 +51,8 @@ raw_sets = st.one_of(
     st.builds(lambda k, v: f"{k}={v}", dotted, st.text(max_size=20)),
     st.builds(lambda k, v: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}", dotted, values),
 )
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same examples every run (a failure is a regression, not luck)
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _names_a_field(message: str) -> bool:
@@ -60,6 +61,7 @@ def _names_a_field(message: str) -> bool:
 
 @FUZZ
 @given(st.lists(st.tuples(dotted, values), min_size=1, max_size=3))
+@example([("data.val_shards", None)])  # found by the fuzzer: a cross-field rule's error named no field
 def test_mutated_trees_are_valid_or_refused_naming_a_field(mutations: list[tuple[str, object]]) -> None:
     tree = yaml.safe_load(yaml.safe_dump(BASE))
     for path, value in mutations:
@@ -86,7 +88,7 @@ def test_fuzzed_set_overrides_are_applied_or_refused_naming_a_field(overrides: l
         assert _names_a_field(str(exc)), str(exc)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.lists(raw_sets, min_size=1, max_size=2))
 def test_the_cli_answers_fuzzed_overrides_without_a_traceback(overrides: list[str]) -> None:
     args = ["config", "validate", str(DEMO)]

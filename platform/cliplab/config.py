@@ -179,12 +179,20 @@ class ScalingSection(Strict):
     gpus_per_worker: float = Field(1.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+    collective_timeout_s: int = Field(
+        600, gt=0, description="torch.distributed timeout: a lost peer fails the step after this (then a restart)"
+    )
 
 
 class StorageConfig(Strict):
     """Where Ray keeps checkpoints and the exported model: a local path or s3:// (endpoint from env)."""
 
     path: str = "cliplab-runs"
+    outage_budget_s: float = Field(
+        300.0,
+        gt=0,
+        description="how long an unreachable S3 endpoint is retried (shard reads, checkpoints) before the run fails",
+    )
 
 
 class TrackingConfig(Strict):
@@ -341,14 +349,18 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _describe(exc: ValidationError, source: str) -> str:
+    """One line per error, each naming its dotted field (a cross-field rule names its fields itself)."""
     lines = [f"{source}: invalid experiment config"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `cliplab config schema`)"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        if not loc:  # a rule over the whole experiment: its message starts with the field it is about
+            lines.append(f"  {msg}")
+            continue
         lines.append(
             f"  {loc}: {msg}"
             + (

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,8 @@ from cliplab.config import CaptionsConfig, DataConfig
 from cliplab.data.augment import eval_view, misaligned_view, train_view
 from cliplab.data.captions import caption_slots, tokenize_slots
 from cliplab.data.shards import expand_urls, open_shard
-from cliplab.errors import DataError
+from cliplab.errors import DataError, StorageError
+from cliplab.train.lifecycle import LoaderWorkerInit
 
 log = logging.getLogger("cliplab.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -45,9 +47,15 @@ Pos = tuple[int, int, int, int]  # epoch, shard index in the epoch's order, samp
 
 
 def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded."""
+    """Raw samples (`__key__` + bytes per extension) of one shard; a failure ends the shard and is recorded.
+
+    Storage errors (endpoint unreachable past its budget, refused credentials) are raised, not recorded: the
+    shard is fine, the storage is not, and skipping it would silently drop it from the epoch.
+    """
 
     def record(exc: Exception) -> bool:
+        if isinstance(exc, StorageError):
+            raise exc
         errors.append(f"{url}: {type(exc).__name__}: {_reason(exc)}")
         return False
 
@@ -339,6 +347,7 @@ def make_train_loader(
         collate_fn=_as_is,
         multiprocessing_context="fork" if cfg.num_workers else None,
         prefetch_factor=2 if cfg.num_workers else None,
+        worker_init_fn=LoaderWorkerInit(os.getpid()),
     )
     return loader, StreamPosition(slots, start)
 

@@ -1,14 +1,14 @@
 """Shard URLs and I/O over fsspec: brace expansion, local/file:///s3:// opening with retries, writing.
 
 S3 endpoints and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...),
-which s3fs and botocore read themselves; nothing here takes a secret as an argument.
+which s3fs and botocore read themselves; nothing here takes a secret as an argument. Retries and timeouts
+are `cliplab.storage`'s.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 import time
 from collections.abc import Iterable
@@ -18,10 +18,8 @@ import fsspec
 import webdataset as wds
 from braceexpand import braceexpand
 
+from cliplab import storage
 from cliplab.errors import DataError
-
-log = logging.getLogger("cliplab.data")
-RETRIES = 4
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
@@ -34,28 +32,20 @@ def expand_urls(spec: str | list[str]) -> list[str]:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of a URL (s3fs honours AWS_ENDPOINT_URL itself)."""
-    return fsspec.core.url_to_fs(url)
+    """The filesystem and path of a URL, with the storage retry policy for s3:// (`cliplab.storage`)."""
+    return storage.filesystem(url)
 
 
-def _transient(exc: Exception) -> bool:
-    return not isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
+def open_shard(url: str) -> IO[bytes]:
+    """Open a shard for streaming; reads ride out storage outages (within `storage.outage_budget_s`).
 
-
-def open_shard(url: str, mode: str = "rb") -> IO[bytes]:
-    """Open a shard for streaming, retrying transient errors; a missing shard raises DataError naming it."""
-    for attempt in range(RETRIES):
-        try:
-            fs, path = filesystem(url)
-            return fs.open(path, mode)
-        except FileNotFoundError:
-            raise DataError(f"shard {url}: no such object") from None
-        except Exception as exc:
-            if not _transient(exc) or attempt == RETRIES - 1:
-                raise DataError(f"shard {url}: cannot open ({type(exc).__name__}: {exc})") from exc
-            log.warning("shard %s: %s, retrying", url, exc)
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+    A missing shard raises DataError naming it; an unreachable endpoint or refused credentials raise
+    StorageError (never a skipped shard).
+    """
+    try:
+        return storage.ResumableRead(url)  # type: ignore[return-value]
+    except FileNotFoundError:
+        raise DataError(f"shard {url}: no such object") from None
 
 
 def write_shards(prefix: str, samples: Iterable[dict[str, Any]], samples_per_shard: int) -> list[str]:

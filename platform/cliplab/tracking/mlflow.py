@@ -103,10 +103,20 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self.logged: dict[str, int] = {}
+
+    def skip_logged_steps(self) -> None:
+        """From now on, drop each key's steps up to the last one already in the run (read once, here).
+
+        A worker group restarted from a checkpoint replays the steps since it; their metrics are in the
+        run already, so logging them again would put each of those steps twice in the history.
+        """
+        keys = self.client.get_run(self.run_id).data.metrics
+        self.logged = {k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if step > self.logged.get(k, -1)]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 

@@ -79,13 +79,14 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
 
 def register_export(tracking_uri: str, run_id: str, export_dir: str, model_name: str) -> int:
     """Log the export at `export_dir` (local or any fsspec URL) as the run's MLflow model; returns its version."""
-    import fsspec
     from mlflow.models import Model
 
-    fs, root = fsspec.core.url_to_fs(export_dir)
+    from cliplab import storage
+
+    fs, root = storage.filesystem(export_dir)
     with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(tracking_uri):
         local = f"{tmp}/{EXPORT_ARTIFACT}"
-        fs.get(f"{root.rstrip('/')}/", local, recursive=True)
+        storage.retrying(lambda: fs.get(f"{root.rstrip('/')}/", local, recursive=True), "downloading", export_dir)
         info = Model.log(
             artifact_path=None,
             name="model",

@@ -20,6 +20,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from cliplab import storage
 from cliplab.config import Experiment
 from cliplab.data.pipeline import StreamPosition, eval_batches, make_train_loader
 from cliplab.data.tokenize import build_tokenizer
@@ -57,6 +58,7 @@ class ForwardEncoders(torch.nn.Module):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp = Experiment.model_validate(config["experiment"])
+    storage.configure(exp.storage.outage_budget_s)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _log_to_stdout(rank)
@@ -80,6 +82,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader, position = make_train_loader(exp.data, tokenizer, pre.mean, pre.std, rank, world, data_state)
     batches = iter(loader)
     tracker = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if tracker:
+        tracker.skip_logged_steps()
+    if tracker and ckpt is not None:
+        tracker.metrics({"resumed_from_step": step}, step)
 
     meter, flops, counted = Meter(), None, False
     peak = exp.train.peak_flops or device_peak_flops(device, exp.deepspeed.precision)
@@ -298,12 +304,11 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
 
 def _export(state: dict[str, torch.Tensor], exp: Experiment, tracker: RunLogger, export_dir: str) -> None:
     """Rank 0: write the open_clip checkpoint to storage and tag its URI on the run (the driver registers it)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(export_dir)
+    fs, root = storage.filesystem(export_dir)
     fs.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"cliplab-export-{tracker.run_id}-") as local:
         files = checkpoint.export_open_clip(state, exp, Path(local))
         for path in files.values():
-            fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
+            target = f"{root.rstrip('/')}/{path.name}"
+            storage.retrying(lambda p=path, t=target: fs.put_file(str(p), t), "exporting", f"{export_dir}/{path.name}")
     tracker.tags({MODEL_URI_TAG: export_dir, "cliplab.open_clip_name": checkpoint.export_model_name(exp)})

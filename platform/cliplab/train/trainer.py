@@ -7,22 +7,27 @@ continues the same MLflow run, whose id is kept next to the checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import ray.train
+from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cliplab import storage as stores
 from cliplab.config import Experiment, dump_yaml
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, StorageError
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
 from cliplab.tracking.plots import is_headline, loss_curves
 from cliplab.tracking.registry import register_export
@@ -46,6 +51,10 @@ SUMMARY_KEYS = ("loss", "samples_per_s", "data_wait_frac", "data/skipped_samples
 
 class TrainingFailed(CliplabError):
     """The Ray job failed after its retries; the message carries the worker's error."""
+
+
+class TrainingInterrupted(CliplabError):
+    """The run was stopped by a signal (SIGINT/SIGTERM) before its last step; `--resume` continues it."""
 
 
 @dataclass
@@ -74,14 +83,22 @@ def _run_file(storage: str, run_name: str) -> str:
 
 def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: bool, parent: str | None) -> str:
     """The run's MLflow id: created now, or read back from the run's storage when resuming."""
-    fs, path = fsspec.core.url_to_fs(_run_file(storage, run_name))
+    url = _run_file(storage, run_name)
+    fs, path = stores.filesystem(url)
     if resume:
-        if not fs.exists(path):
-            raise CliplabError(f"--resume {run_name}: no run of that name ({_run_file(storage, run_name)} is missing)")
-        return json.loads(fs.cat_file(path))["mlflow_run_id"]
+        if not stores.retrying(lambda: fs.exists(path), "reading", url):
+            raise CliplabError(f"--resume {run_name}: no run of that name ({url} is missing)")
+        run_id = json.loads(stores.retrying(lambda: fs.cat_file(path), "reading", url))["mlflow_run_id"]
+        MlflowClient(uri).update_run(run_id, status="RUNNING")  # it was KILLED or FAILED
+        return run_id
     run_id = create_run(exp, uri, run_name, parent_run_id=parent, tags={"ray.run_name": run_name})
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode())
+    body = json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode()
+    try:
+        stores.retrying(lambda: fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True), "creating", url)
+        stores.retrying(lambda: fs.pipe_file(path, body), "writing", url)
+    except Exception:
+        MlflowClient(uri).set_terminated(run_id, "FAILED")  # storage is unusable: no run will follow
+        raise
     return run_id
 
 
@@ -93,6 +110,20 @@ def loop_config(exp: Experiment, run_id: str, uri: str, storage: str, run_name: 
         "tracking_uri": uri,
         "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
     }
+
+
+class StopOnStorageError(ray.train.UserCallback):
+    """Fail the run at once when a worker hit a storage error (outage past its budget, refused credentials).
+
+    A worker-group restart would only wait out the same outage again (or be refused again), multiplying
+    the time to fail by `scaling.max_failures`. Ray Train's controller treats an error raised here as
+    its own, which it does not retry.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            if isinstance(error, StorageError):
+                raise error
 
 
 def build_trainer(
@@ -107,10 +138,11 @@ def build_trainer(
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / "cliplab-ray-workers"))
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    path, filesystem = stores.ray_storage(storage, stores.RetryPolicy(outage_budget_s=exp.storage.outage_budget_s))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=s.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -119,11 +151,12 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
-            callbacks=callbacks or [],
+            callbacks=[StopOnStorageError(), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # progress comes from rank 0's lines
         ),
     )
@@ -131,16 +164,29 @@ def build_trainer(
 
 def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str | None = None) -> TrainOutcome:
     """Run (or resume) a training job to the end; raises TrainingFailed with the worker's error."""
+    stores.configure(exp.storage.outage_budget_s)
     storage, uri = storage_root(exp), resolve_tracking_uri(exp)
     run_name = resume or exp.tracking.run_name or new_run_name(exp)
     run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id)
     log.info("run %s: storage %s/%s, MLflow run %s at %s", run_name, storage, run_name, run_id, uri)
     tracker = RunLogger(uri, run_id)
+    trainer = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage)
     try:
-        result = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage).fit()
+        with _sigterm_as_sigint():
+            result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        tracker.finish("KILLED")
+        raise
     except Exception as exc:
         tracker.finish("FAILED")
         raise TrainingFailed(f"run {run_name} failed: {exc}") from exc
+    done = (result.metrics or {}).get("step")
+    if done != exp.train.steps:  # Ray Train returns normally from a run aborted by SIGINT
+        tracker.finish("KILLED")
+        raise TrainingInterrupted(
+            f"run {run_name} was interrupted (last checkpoint: step {done or 0} of {exp.train.steps}); "
+            f"continue it with `cliplab train CONFIG --resume {run_name}`"
+        )
     finish_run(exp, tracker, run_name)
     metrics = tracker.client.get_run(run_id).data.metrics
     return TrainOutcome(
@@ -149,8 +195,33 @@ def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str 
         tracking_uri=uri,
         storage=f"{storage.rstrip('/')}/{run_name}",
         metrics=metrics,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=_checkpoint_uri(storage, result.checkpoint.path) if result.checkpoint else None,
     )
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """During `fit()`, SIGTERM takes Ray Train's graceful SIGINT path (abort the controller and its workers).
+
+    Ray installs its SIGINT handler inside `fit()`; both handlers are put back afterwards. Only the main
+    thread can set handlers (Tune trials and tests run this in other threads: nothing changes there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+
+
+def _checkpoint_uri(storage: str, path: str) -> str:
+    """Ray's checkpoint path on its storage filesystem, as a URL (s3:// paths reach Ray without the scheme)."""
+    scheme = storage.split("://", 1)[0] + "://" if "://" in storage else ""
+    return path if not scheme or path.startswith(scheme) else scheme + path
 
 
 def finish_run(
