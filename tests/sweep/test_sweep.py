@@ -207,3 +207,42 @@ def test_bad_sweep_files_are_refused_before_anything_starts(tmp_path, mlflow_uri
 def test_shipped_sweeps_validate(path: Path) -> None:
     sweep, tree = load_sweep(path)
     assert sweep.space and validate_tree(tree).train.steps > 0
+
+
+@pytest.mark.slow
+def test_a_killed_trial_worker_resumes_its_trial_from_its_checkpoint(ray_local, sweep_bucket, tmp_path, mlflow_uri):
+    """SIGKILL one training worker of a running trial: the trial restarts from its checkpoint and finishes once."""
+    import threading
+
+    from processes import train_workers
+
+    path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3]}}, scheduler={"name": "fifo"})
+    sweep, base_tree = load_sweep(path, ["train.steps=10", "scaling.max_failures=1", "eval.every_steps=5"])
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(outcome=run_sweep(sweep, base_tree, path)), daemon=True)
+    thread.start()
+    client = MlflowClient(mlflow_uri)
+
+    def child_steps() -> list[int]:
+        found = client.get_experiment_by_name("sweep-e2e")
+        runs = client.search_runs([found.experiment_id], "tags.`cliplab.trial_id` != ''") if found else []
+        return [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "loss")]
+
+    deadline = time.monotonic() + 400
+    while max(child_steps(), default=0) < 5 and time.monotonic() < deadline:  # the step-4 report has completed,
+        time.sleep(0.5)  # so Ray has registered the step-2 checkpoint at least
+    workers = train_workers()
+    assert len(workers) == 2, "two training workers of the trial are running"
+    os.kill(workers[1].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the sweep finished after the kill"
+
+    (row,) = out["outcome"].rows
+    assert row.status == "TERMINATED" and row.metric is not None
+    (child,) = client.search_runs(
+        [client.get_experiment_by_name("sweep-e2e").experiment_id], "tags.`cliplab.trial_id` != ''"
+    )
+    assert child.info.status == "FINISHED"
+    assert sorted(child_steps()) == list(range(1, 11)), "every step logged once across the restart"
+    resumed = [m.value for m in client.get_metric_history(child.info.run_id, "resumed_from_step")]
+    assert resumed and resumed[0] >= 2, resumed

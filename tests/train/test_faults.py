@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from cliplab.config import dump_yaml, validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.train.trainer import TrainingFailed, run_training
+from processes import train_workers
 
 pytestmark = pytest.mark.slow
 
@@ -87,22 +88,6 @@ def checkpoints(storage: str) -> list[str]:
     fs.invalidate_cache()
     found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_step*") if fs.exists(storage) else []
     return sorted(p.rsplit("/", 1)[-1] for p in found)
-
-
-def train_workers() -> list[psutil.Process]:
-    """This test process's Ray Train worker processes (the local Ray's raylet is our child).
-
-    Their forked DataLoader workers carry the same process title; they are the ones whose parent is a worker.
-    """
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    pids = {p.pid for p in found}
-    return [p for p in found if p.ppid() not in pids]
 
 
 def last_logged_step(client: MlflowClient) -> int:
