@@ -254,8 +254,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", help="MLflow run id of a training run (its cliplab.model_uri tag names the export)")
     ev.set_defaults(func=cmd_evaluate)
 
-    sb = sub.add_parser("submit", help="submit train/sweep/evaluate as a Ray job and follow it")
-    sb.add_argument("kind", choices=["train", "sweep", "evaluate"])
+    sb = sub.add_parser("submit", help="submit train/sweep/evaluate/select as a Ray job and follow it")
+    sb.add_argument("kind", choices=["train", "sweep", "evaluate", "select"])
     _config_args(sb)
     sb.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
     sb.add_argument(
@@ -280,8 +280,8 @@ def parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("cluster", help="KubeRay manifests").add_subparsers(dest="cluster", required=True)
     r = cl.add_parser("render", help="a RayJob (with its RayCluster) sized from the experiment config")
-    r.add_argument("config", help="experiment or sweep YAML inside this repository")
-    r.add_argument("--kind", choices=["train", "sweep", "evaluate"], default="train")
+    r.add_argument("config", help="experiment, sweep or selection YAML inside this repository")
+    r.add_argument("--kind", choices=["train", "sweep", "evaluate", "select"], default="train")
     r.add_argument("--image", default="cliplab:2.60.0-py311-gpu", help="the image built from ./Dockerfile")
     r.add_argument("--gpus-per-node", type=int, default=8)
     r.add_argument("--model", help="evaluate: export dir")
