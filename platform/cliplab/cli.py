@@ -150,6 +150,19 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.what == "select":
+        from cliplab.select.demo import run_select_demo
+
+        run_select_demo(
+            workdir=args.workdir,
+            train_samples=args.train_samples,
+            steps=args.steps,
+            pool_samples=args.pool_samples,
+            target_count=args.target_samples,
+            negclip_batch=args.negclip_batch,
+            repeats=args.repeats,
+        )
+        return 0
     from cliplab.demo import run_demo
 
     run_demo(workdir=args.workdir, train_samples=args.train_samples, steps=args.steps)
@@ -254,8 +267,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", help="MLflow run id of a training run (its cliplab.model_uri tag names the export)")
     ev.set_defaults(func=cmd_evaluate)
 
-    sb = sub.add_parser("submit", help="submit train/sweep/evaluate as a Ray job and follow it")
-    sb.add_argument("kind", choices=["train", "sweep", "evaluate"])
+    sb = sub.add_parser("submit", help="submit train/sweep/evaluate/select as a Ray job and follow it")
+    sb.add_argument("kind", choices=["train", "sweep", "evaluate", "select"])
     _config_args(sb)
     sb.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
     sb.add_argument(
@@ -280,8 +293,8 @@ def parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("cluster", help="KubeRay manifests").add_subparsers(dest="cluster", required=True)
     r = cl.add_parser("render", help="a RayJob (with its RayCluster) sized from the experiment config")
-    r.add_argument("config", help="experiment or sweep YAML inside this repository")
-    r.add_argument("--kind", choices=["train", "sweep", "evaluate"], default="train")
+    r.add_argument("config", help="experiment, sweep or selection YAML inside this repository")
+    r.add_argument("--kind", choices=["train", "sweep", "evaluate", "select"], default="train")
     r.add_argument("--image", default="cliplab:2.60.0-py311-gpu", help="the image built from ./Dockerfile")
     r.add_argument("--gpus-per-node", type=int, default=8)
     r.add_argument("--model", help="evaluate: export dir")
@@ -289,10 +302,21 @@ def parser() -> argparse.ArgumentParser:
     _repo_arg(r)
     r.set_defaults(func=cmd_render)
 
-    d = sub.add_parser("demo", help="embedded S3 + local Ray + MLflow: synth data, train, evaluate")
+    d = sub.add_parser("demo", help="embedded S3 + local Ray + MLflow: synth data, train, evaluate (or select)")
+    d.add_argument(
+        "what",
+        nargs="?",
+        choices=["train", "select"],
+        default="train",
+        help="select: train a teacher, then select from a pool with 30%% noisy captions and grade the scores",
+    )
     d.add_argument("--workdir", default="cliplab-demo", help="where the MLflow store and checkpoints go")
-    d.add_argument("--train-samples", type=int, default=None, help="SynthScenes training samples")
+    d.add_argument("--train-samples", type=int, default=None, help="SynthScenes training samples (the teacher's)")
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: configs/demo.yaml)")
+    d.add_argument("--pool-samples", type=int, default=10000, help="select: candidate pool size")
+    d.add_argument("--target-samples", type=int, default=1000, help="select: target images for NormSim")
+    d.add_argument("--negclip-batch", type=int, default=1024, help="select: negCLIPLoss |B|")
+    d.add_argument("--repeats", type=int, default=10, help="select: negCLIPLoss K")
     d.set_defaults(func=cmd_demo)
 
     cmp = sub.add_parser("compare", help="same-budget runs of several configs as sibling MLflow runs")

@@ -60,6 +60,7 @@ RENDERED = {
         "configs/holistic_vitb16.yaml",
         ["--model", "s3://my-bucket/cliplab-runs/RUN_NAME/export"],
     ),
+    "rayjob-select.yaml": ("select", "configs/select/negclip_normsim_gpu.yaml", []),
 }
 EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
 

@@ -1,11 +1,13 @@
-"""`cliplab cluster render CONFIG`: a KubeRay RayJob (ray.io/v1) for an experiment, sweep or evaluation.
+"""`cliplab cluster render CONFIG`: a KubeRay RayJob (ray.io/v1) for an experiment, sweep, evaluation or selection.
 
 The RayCluster part starts from the checkout's `cluster/raycluster.yaml` (the checkout holding the working
 directory, or `--repo`) and takes from the experiment config what decides
 the cluster's shape: the image, how many GPU workers a node holds (`--gpus-per-node` over
 `scaling.gpus_per_worker`), how many nodes the job needs (`scaling.num_workers`, times `max_concurrent` trials
 for a sweep; one worker's worth for an evaluation, which runs as one task) and each node's CPU and GPU limits.
-CPU-only experiments get CPU nodes. The job runs the
+CPU-only experiments get CPU nodes. A selection job (`--kind select`, a selection YAML) is sized from its
+`embed` section instead: nodes for `embed.actors` teacher actors of `embed.gpus_per_actor` GPUs each (see
+`cliplab.cluster.select_size`). The job runs the
 `jobs/` entrypoint from the image's copy of the repository (`APP_DIR`, the Dockerfile's WORKDIR). The manifest is
 validated against the KubeRay CRDs in `cluster/crds/` before it is returned.
 """
@@ -28,7 +30,12 @@ from cliplab.errors import ConfigError
 TEMPLATE = Path("cluster") / "raycluster.yaml"
 CRD_DIR = Path("cluster") / "crds"
 APP_DIR = "/home/ray/cliplab"
-ENTRYPOINTS = {"train": "jobs/train.py", "sweep": "jobs/sweep.py", "evaluate": "jobs/evaluate.py"}
+ENTRYPOINTS = {
+    "train": "jobs/train.py",
+    "sweep": "jobs/sweep.py",
+    "evaluate": "jobs/evaluate.py",
+    "select": "jobs/select.py",
+}
 
 
 def _experiment(kind: str, config: Path) -> tuple[Experiment, int]:
@@ -72,12 +79,18 @@ def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_
     limits["cpu"] = str(cpus)
     # memory and the /dev/shm volume scale with this node's GPUs (CPUs) over the template node's
     share = int(limits["nvidia.com/gpu"]) / template_gpus if s.use_gpu else cpus / template_cpus
+    scale_node(group, share, math.ceil(workers / per_node), jobs_at_once)
+
+
+def scale_node(group: dict[str, Any], share: float, nodes: int, jobs_at_once: int = 1) -> None:
+    """Memory and /dev/shm times `share` of the template node's, requests = limits, and the replica counts."""
+    container = group["template"]["spec"]["containers"][0]
+    limits = container["resources"]["limits"]
     limits["memory"] = _scaled(limits["memory"], share)
     for volume in group["template"]["spec"].get("volumes", []):
         if volume.get("emptyDir", {}).get("sizeLimit"):
             volume["emptyDir"]["sizeLimit"] = _scaled(volume["emptyDir"]["sizeLimit"], share)
     container["resources"]["requests"] = dict(limits)
-    nodes = math.ceil(workers / per_node)
     group["replicas"] = nodes
     group["minReplicas"] = 0
     group["maxReplicas"] = nodes * jobs_at_once
@@ -103,16 +116,25 @@ def render(
         raise ConfigError(
             f"{config}: render a config inside the repository ({root}); the image holds that copy"
         ) from None
-    exp, jobs_at_once = _experiment(kind, path)
     cluster = yaml.safe_load((root / TEMPLATE).read_text())
     spec = copy.deepcopy(cluster["spec"])
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
             container["image"] = image
-    workers = 1 if kind == "evaluate" else exp.scaling.num_workers  # evaluation is one task of a worker's size
-    _size_workers(spec["workerGroupSpecs"][0], exp, workers, jobs_at_once, gpus_per_node)
+    if kind == "select":
+        from cliplab.cluster.select_size import size_embed_workers
+        from cliplab.select.config import load_selection
+
+        selection = load_selection(path)
+        job_name = selection.name
+        size_embed_workers(spec["workerGroupSpecs"][0], selection.embed, gpus_per_node)
+    else:
+        exp, jobs_at_once = _experiment(kind, path)
+        job_name = exp.name
+        workers = 1 if kind == "evaluate" else exp.scaling.num_workers  # evaluation is one task of a worker's size
+        _size_workers(spec["workerGroupSpecs"][0], exp, workers, jobs_at_once, gpus_per_node)
     command = " ".join(["python", ENTRYPOINTS[kind], "--config", str(relative), *(extra or [])])
-    name = f"cliplab-{kind}-{exp.name}".lower().replace("_", "-").replace(".", "-")[:63].rstrip("-")
+    name = f"cliplab-{kind}-{job_name}".lower().replace("_", "-").replace(".", "-")[:63].rstrip("-")
     manifest = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

@@ -1,4 +1,4 @@
-"""`cliplab submit {train,sweep,evaluate} CONFIG --address URL`: a Ray job through the job submission SDK.
+"""`cliplab submit {train,sweep,evaluate,select} CONFIG --address URL`: a Ray job through the job submission SDK.
 
 The job runs `python jobs/<kind>.py --config CONFIG ...` in an uploaded copy of this repository
 (`working_dir`; `.git`, `.venv` and what `.gitignore` lists stay behind). The cliplab package of that copy also
@@ -24,7 +24,12 @@ from typing import Any
 from cliplab.cluster.repo import find_repo
 from cliplab.errors import CliplabError, ConfigError
 
-ENTRYPOINTS = {"train": "jobs/train.py", "sweep": "jobs/sweep.py", "evaluate": "jobs/evaluate.py"}
+ENTRYPOINTS = {
+    "train": "jobs/train.py",
+    "sweep": "jobs/sweep.py",
+    "evaluate": "jobs/evaluate.py",
+    "select": "jobs/select.py",
+}
 SHIPPED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
@@ -99,6 +104,10 @@ def check_config(kind: str, config: str, overrides: list[str]) -> None:
         from cliplab.sweep.config import load_sweep
 
         load_sweep(config, overrides)
+    elif kind == "select":
+        from cliplab.select.config import load_selection
+
+        load_selection(config, overrides)
     else:
         from cliplab.config import load_experiment
 

@@ -70,6 +70,7 @@ class EmbedStats:
     unreadable: list[str] = field(default_factory=list)
     samples: int = 0
     skipped_samples: int = 0
+    embedded: int = 0  # samples embedded by this pass (not resumed): what its samples/s counts
 
     def metrics(self, prefix: str) -> dict[str, float]:
         return {
@@ -287,6 +288,7 @@ def _run(
                 rows = write_output(out, url, pending.pop(url), expected[url][1])
                 stats.written.append(url)
                 stats.samples += rows
+                stats.embedded += rows
                 stats.skipped_samples += expected[url][1]
                 log.info(
                     "embed %s: %s complete (%d samples), %d/%d shards", label, url, rows, len(stats.written), len(todo)

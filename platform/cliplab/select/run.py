@@ -9,9 +9,13 @@ Outputs under `output`:
   column per recipe step (`kept_1`, ...) plus `selected` (the final subset after set algebra).
 The MLflow run (experiment `tracking.experiment`, default cliplab-select) gets the teacher, tau, K,
 |B| (requested and used), seed, fractions and pool size as params; pool size, samples kept after
-each step, skipped samples and unreadable shards as metrics; histograms of every score as a PNG;
-and, when every pool sample has a json `noisy` flag (SynthScenes), precision and recall of
-*rejecting* noisy samples. Scoring runs in the driver process, on its GPU when it has one.
+each step, skipped samples and unreadable shards as metrics; seconds and samples/s per stage
+(`time/<stage>_s`, `speed/<stage>_samples_per_s`: embedding the pool and the target (samples
+embedded by this pass; absent when every shard was resumed), loading the embeddings, each score,
+the recipe); histograms of every score and a score-vs-score scatter (selected against rejected,
+noisy captions marked) as PNGs; and, when every pool sample has a json `noisy` flag (SynthScenes),
+precision and recall of *rejecting* noisy samples. Scoring runs in the driver process, on its GPU
+when it has one.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from cliplab.data.shards import expand_urls, filesystem
 from cliplab.select import uids as U
 from cliplab.select.config import SelectConfig, normsim_name
 from cliplab.select.embed import embed_shards
-from cliplab.select.plots import score_histograms
+from cliplab.select.plots import score_histograms, score_scatter
 from cliplab.select.pool import Pool, load_pool
 from cliplab.select.recipes import apply_chain, combine
 from cliplab.select.reshard import reshard
@@ -63,25 +67,36 @@ class SelectOutcome:
     metrics: dict[str, float]
 
 
+def stage_speed(metrics: dict[str, float], stage: str, samples: int, seconds: float) -> None:
+    """Record a stage's wall time and, when it processed samples, its samples/s."""
+    metrics[f"time/{stage}_s"] = seconds
+    if samples:
+        metrics[f"speed/{stage}_samples_per_s"] = samples / max(seconds, 1e-9)
+
+
 def compute_scores(
     cfg: SelectConfig, pool: Pool, target: Pool | None, tau: float, device: torch.device
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Every configured score of the pool (clipscore, negclip, normsim_*) and the batching used."""
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, float]]:
+    """Every configured score of the pool (clipscore, negclip, normsim_*), the batching used, time per score."""
+    speed: dict[str, float] = {}
+    t0 = time.perf_counter()
     scores = {"clipscore": clip_score(pool.image, pool.text, device)}
+    stage_speed(speed, "score_clipscore", len(pool), time.perf_counter() - t0)
     used: dict[str, Any] = {}
     nc = cfg.scores.negclip
     if nc is not None:
-        t0 = time.time()
+        t0 = time.perf_counter()
         scores["negclip"], batches = neg_clip_loss(
             pool.image, pool.text, tau, nc.batch_size, nc.repeats, nc.seed, device
         )
+        stage_speed(speed, "score_negclip", len(pool), time.perf_counter() - t0)
         used["negclip.batch_size_used"] = batches.batch_size
         log.info(
             "select: negCLIPLoss, K=%d, |B|=%d (asked %d), %.1fs",
             nc.repeats,
             batches.batch_size,
             nc.batch_size,
-            time.time() - t0,
+            speed["time/score_negclip_s"],
         )
         if batches.batch_size < nc.batch_size:
             log.warning(
@@ -89,8 +104,10 @@ def compute_scores(
             )
     if target is not None:
         for p in cfg.scores.normsim_p:
+            t0 = time.perf_counter()
             scores[normsim_name(p)] = norm_sim(pool.image, target.image, math.inf if p == "inf" else float(p), device)
-    return scores, used
+            stage_speed(speed, f"score_{normsim_name(p)}", len(pool), time.perf_counter() - t0)
+    return scores, used, speed
 
 
 def noisy_metrics(noisy: np.ndarray, selected: np.ndarray) -> dict[str, float]:
@@ -179,24 +196,34 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
     out = cfg.output.rstrip("/")
     pool_urls = expand_urls(cfg.pool.shards)
     log.info("select: stage 2/5 embedding %d pool shards", len(pool_urls))
-    metrics = embed_shards(pool_urls, f"{out}/embeddings/pool", info, cfg.embed, cfg.pool.caption_key).metrics("pool")
+    t0 = time.perf_counter()
+    stats = embed_shards(pool_urls, f"{out}/embeddings/pool", info, cfg.embed, cfg.pool.caption_key)
+    metrics = stats.metrics("pool")
+    stage_speed(metrics, "embed_pool", stats.embedded, time.perf_counter() - t0)
     target_urls = expand_urls(cfg.target.shards) if cfg.target else []
     if target_urls:
         log.info("select: stage 2/5 embedding %d target shards", len(target_urls))
+        t0 = time.perf_counter()
         stats = embed_shards(
             target_urls, f"{out}/embeddings/target", info, cfg.embed, captions_optional=True, label="target"
         )
         metrics.update(stats.metrics("target"))
+        stage_speed(metrics, "embed_target", stats.embedded, time.perf_counter() - t0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="cliplab-select-") as work:
+        t0 = time.perf_counter()
         pool = load_pool(f"{out}/embeddings/pool", pool_urls, Path(work), "pool")
         target = load_pool(f"{out}/embeddings/target", target_urls, Path(work), "target") if target_urls else None
         n = len(pool)
+        stage_speed(metrics, "load", n + (len(target) if target else 0), time.perf_counter() - t0)
         log.info("select: stage 3/5 scoring %d samples on %s (tau %.4g)", n, device, tau)
-        scores, used = compute_scores(cfg, pool, target, tau, device)
+        scores, used, speed = compute_scores(cfg, pool, target, tau, device)
+        metrics.update(speed)
         _log_params(run_logger, {"pool_size": n, **used})
         log.info("select: stage 4/5 recipe %s", params_line(cfg))
+        t0 = time.perf_counter()
         kept = apply_chain(scores, [s.step() for s in cfg.recipe.steps])
+        stage_speed(metrics, "recipe", n, time.perf_counter() - t0)
         uid = np.array(pool.meta.column("uid").to_pylist(), dtype=object)
         chosen = U.to_pairs(uid[kept[-1]])
         for i, (step, idx) in enumerate(zip(cfg.recipe.steps, kept, strict=True), 1):
@@ -227,6 +254,8 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
             log.info("select: %d samples in %d new shards: %s", result.samples, len(result.urls), result.spec)
         plot = score_histograms(scores, selected, Path(work) / "score_histograms.png", cfg.name)
         run_logger.artifact(plot)
+        noisy = pool.meta.column("noisy").to_numpy()
+        run_logger.artifact(score_scatter(scores, selected, noisy, Path(work) / "score_scatter.png", cfg.name))
         config = Path(work) / "selection.yaml"
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         run_logger.artifact(config)
