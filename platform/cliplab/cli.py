@@ -58,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cliplab.demo import embedded_synthscenes
     from cliplab.preflight import check_before_ray
     from cliplab.runtime import check_fits, ensure_ray
+    from cliplab.tracking.mlflow import ui_hint
     from cliplab.train.trainer import run_training, summary_table
 
     overrides = _overrides(args)
@@ -69,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         outcome = run_training(exp, resume=args.resume)
     print(summary_table(outcome))
     print(f"\nrun {outcome.run_name}: MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
+    print(ui_hint(outcome.tracking_uri, outcome.mlflow_run_id))
     return 0
 
 

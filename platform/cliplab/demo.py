@@ -68,6 +68,7 @@ def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, st
     """Run the demo end to end; everything it keeps goes under `workdir`."""
     from cliplab.preflight import check_before_ray
     from cliplab.runtime import check_fits, ensure_ray
+    from cliplab.tracking.mlflow import ui_hint
     from cliplab.train.trainer import run_training, summary_table
 
     started = time.time()
@@ -83,4 +84,4 @@ def run_demo(workdir: str = "cliplab-demo", train_samples: int | None = None, st
 
     print("\n" + summary_table(outcome))
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min; run {outcome.run_name}")
-    print(f"open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}")
+    print(f"open the MLflow UI:  {ui_hint(outcome.tracking_uri, outcome.mlflow_run_id)}")

@@ -17,7 +17,7 @@ from cliplab.config import validate_tree
 from cliplab.data.augment import eval_view
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
-from cliplab.tracking.mlflow import EXPERIMENT_KIND, create_run
+from cliplab.tracking.mlflow import EXPERIMENT_KIND, create_run, ui_hint
 from cliplab.tracking.registry import register_export, using_tracking_uri
 from cliplab.train.checkpoint import export_open_clip
 
@@ -83,3 +83,12 @@ def test_export_is_a_registered_model_that_embeds_like_the_trained_one(mlflow_ur
     assert loaded.predict(pd.DataFrame({"image": [buf.getvalue()]})) == pytest.approx(expected_image, abs=1e-5)
     with pytest.raises(ValueError, match="'text' column"):
         loaded.predict(pd.DataFrame({"caption": texts}))
+
+
+def test_the_ui_hint_opens_the_run_in_the_model_training_view(mlflow_uri) -> None:
+    run_id = create_run(experiment(), mlflow_uri, "r")
+    experiment_id = MlflowClient(mlflow_uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    assert ui_hint(mlflow_uri, run_id) == (
+        f"mlflow ui --backend-store-uri {mlflow_uri}   then open http://127.0.0.1:5000/{page}"
+    )

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from cliplab.data.shards import filesystem, write_shards
 from cliplab.data.synth import SynthSpec, render_sample, scene, write_synthscenes
 from cliplab.select.evaluation import evaluate, format_table, kept_mask, standard_methods
+from cliplab.tracking.mlflow import ui_hint
 
 log = logging.getLogger("cliplab.demo")
 BUCKET = "cliplab-demo"
@@ -134,7 +135,7 @@ def run_select_demo(
         f"zero-shot shape top-1); selection: MLflow run {outcome.run_id}"
     )
     print(f"demo select finished in {(time.time() - started) / 60:.1f} min")
-    print(f"open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"open the MLflow UI:  {ui_hint(tracking_uri, outcome.run_id)}")
     return table
 
 

@@ -50,6 +50,17 @@ def experiment_id(client: MlflowClient, exp: Experiment, uri: str) -> str:
     return found.experiment_id
 
 
+def ui_hint(uri: str, run_id: str) -> str:
+    """Where a person looks at the run: its page in MLflow's model-training view (MLflow 3.17's UI picks the
+    view from the `workflowType` query or the browser's last choice, GenAI by default, not from the experiment's
+    kind tag); a local store needs `mlflow ui` started first."""
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{page}"
+
+
 def git_commit() -> str:
     """The source tree's commit, or 'unknown' outside a git checkout (e.g. a Ray working_dir upload)."""
     try:
