@@ -10,7 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # a working_dir upload is not installed
+# Python puts this script's folder first on sys.path, where jobs/select.py would shadow the standard library's
+# `select`; the package comes from platform/ instead (a working_dir upload is not installed).
+sys.path.remove(str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from cliplab.cli import main
 
