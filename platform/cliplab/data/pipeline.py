@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import random
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -70,9 +69,9 @@ def read_shard(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def _reason(exc: Exception) -> str:
-    """The exception's message without the stream repr webdataset appends (`... @ <LocalFileOpener ...>`)."""
+    """The exception's message without the stream webdataset appends (`... @ <stream repr>`)."""
     text = str(exc.args[0]) if exc.args else str(exc)
-    return re.sub(r"\s*@\s*<[^<>]*>", "", text)
+    return text.rsplit(" @ ", 1)[0]
 
 
 def stable_seed(*parts: Any) -> int:
