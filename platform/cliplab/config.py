@@ -258,25 +258,7 @@ class Experiment(Strict):
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: true; use bf16 or fp32 on CPU")
         if self.eval.zeroshot and not self.data.val_shards:
             raise ValueError("eval.zeroshot needs data.val_shards")
-        if self.objective.params.get("distill_teacher") == "ema" and self.deepspeed.zero_stage == 3:
-            raise ValueError(
-                "objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
-                "full copy on every rank)"
-            )
-        if self.objective.name == "holistic":
-            self._check_holistic()
         return self
-
-    def _check_holistic(self) -> None:
-        if self.data.captions is None:
-            raise ValueError("objective holistic needs data.captions (the caption slots, one per branch)")
-        branches = self.model.branches.count if self.model.branches else 1
-        slots = len(self.data.captions.slots)
-        if branches > slots and self.objective.params.get("assignment", "fixed") == "fixed":
-            raise ValueError(
-                f"model.branches.count {branches} > {slots} data.captions.slots: branches without "
-                "a caption slot never train under objective.assignment fixed; add slots or use free"
-            )
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of the whole config (MLflow params, sweep spaces)."""
@@ -374,16 +356,34 @@ def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
         exp = Experiment.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    from cliplab.objectives.registry import validate_params
+    _check_objective(exp, source)
+    return exp
+
+
+def _check_objective(exp: Experiment, source: str) -> None:
+    """The objective's parameters, the batch fields it reads, and its own rules against the experiment."""
+    from cliplab.data.fields import missing_fields
+    from cliplab.objectives.registry import get_spec
 
     try:
-        validate_params(exp.objective.name, exp.objective.params)
-    except ValidationError as exc:
-        msg = _describe(exc, source).replace("\n  ", "\n  objective.")
-        raise ConfigError(msg) from None
+        spec = get_spec(exp.objective.name)
     except KeyError as exc:
         raise ConfigError(f"{source}: objective.name: {exc.args[0]}") from None
-    return exp
+    try:
+        params = spec.params.model_validate(exp.objective.params)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source).replace("\n  ", "\n  objective.")) from None
+    missing = missing_fields(spec.batch_fields, exp.data)
+    if missing:
+        lines = [
+            f"objective {spec.name} needs {setting} (it reads the batch fields {', '.join(fields)})"
+            for setting, fields in missing.items()
+        ]
+        raise ConfigError(f"{source}: invalid experiment config\n  " + "\n  ".join(lines))
+    try:
+        spec.check(params, exp)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid experiment config\n  {exc}") from None
 
 
 def check_config_file(path: Path, kind: str = "config") -> None:

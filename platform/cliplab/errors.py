@@ -11,3 +11,7 @@ class ConfigError(CliplabError):
 
 class DataError(CliplabError):
     """Shards cannot be found or read; the message names the URL or shard."""
+
+
+class InstallError(CliplabError):
+    """The installed metadata does not match the sources (e.g. missing entry points); reinstalling fixes it."""
