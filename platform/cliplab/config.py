@@ -310,15 +310,63 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = yaml.safe_load(yaml.safe_dump(tree))
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, parts, value, f"--set {text!r}")
+    return out
+
+
+def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, label: str) -> None:
+    """Set `tree[a][b]...[z] = value` in place, creating sections; `label` names the setting in errors."""
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    check_config_file(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
+def read_tree(path: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw tree of an experiment file, with its `base:` chain resolved (as sweep files do).
+
+    A file with `base: other.yaml` (relative to the file) holds nothing but `base` and `overrides`, a map
+    of dotted keys to values set on the base's tree like `--set` (a value replaces the whole field, a
+    section included). Bases may have bases; a file reached twice along the chain is a cycle and refused.
+    """
+    path = Path(path)
+    tree = _read_yaml(path)
+    if "base" not in tree:
+        return tree
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(here) :], here))
+        raise ConfigError(f"{path}: base: cycle of experiment files {cycle}")
+    base, overrides = tree.pop("base"), tree.pop("overrides", None) or {}
+    if tree:
+        raise ConfigError(
+            f"{path}: {', '.join(sorted(tree))}: a file with base: holds only base and overrides "
+            "(dotted keys, e.g. overrides: {train.steps: 100})"
+        )
+    if not isinstance(base, str) or not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: base: needs a file name and overrides: a map of dotted keys to values")
+    out = read_tree(path.parent / base, (*chain, here))
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ConfigError(f"{path}: overrides.{key}: empty part in the dotted key")
+        set_dotted(out, parts, value, f"{path}: overrides.{key}")
     return out
 
 
@@ -397,16 +445,8 @@ def check_config_file(path: Path, kind: str = "config") -> None:
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read a YAML experiment file, apply `--set` overrides, validate; errors name file and field."""
-    path = Path(path)
-    check_config_file(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = apply_overrides(tree, overrides or [])
+    """Read a YAML experiment file (and its bases), apply `--set` overrides, validate; errors name file and field."""
+    tree = apply_overrides(read_tree(path), overrides or [])
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return validate_tree(tree, source)
 

@@ -24,7 +24,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cliplab.config import Experiment, apply_overrides, check_config_file, parse_override, validate_tree
+from cliplab.config import (
+    Experiment,
+    apply_overrides,
+    check_config_file,
+    parse_override,
+    read_tree,
+    validate_tree,
+)
 from cliplab.errors import ConfigError
 
 EVAL_PREFIXES = ("zeroshot/", "retrieval/", "probe/", "branch")
@@ -142,7 +149,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     base_path = (path.parent / sweep.base).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{path}: base: no such experiment file {base_path}")
-    base_tree = yaml.safe_load(base_path.read_text()) or {}
+    base_tree = read_tree(base_path)
     sets = point_overrides(sweep.overrides) + list(overrides or [])
     base_tree = apply_overrides(base_tree, sets)
     for text in overrides or []:
