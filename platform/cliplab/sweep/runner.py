@@ -24,6 +24,7 @@ from ray import tune
 
 from cliplab.config import Experiment, dump_yaml, validate_tree
 from cliplab.errors import CliplabError, ConfigError
+from cliplab.resources import worker_resources
 from cliplab.sweep.config import SweepConfig, experiment_at
 from cliplab.sweep.report import ProgressTable, TrialRow, metric_vs_fields, parallel_coordinates, write_csv
 from cliplab.sweep.trial import STATUS_TAG, find_child, run_trial
@@ -56,11 +57,7 @@ def tune_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def trial_resources(sweep: SweepConfig, exp: Experiment) -> dict[str, float]:
     """What one trial holds: its driver's CPU plus every Train worker's request."""
-    s = exp.scaling
-    need = {"CPU": sweep.trial_cpus + s.num_workers * s.cpus_per_worker}
-    if s.use_gpu:
-        need["GPU"] = s.num_workers * s.gpus_per_worker
-    return need
+    return worker_resources(exp.scaling, extra_cpus=sweep.trial_cpus)
 
 
 def concurrency(sweep: SweepConfig, exp: Experiment, cluster: dict[str, float]) -> int:
