@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from cliplab.config import Experiment
 from cliplab.errors import ConfigError
 from cliplab.metrics import compare_keys, is_train_metric
+from cliplab.tracking.figures import log_figure
 from cliplab.tracking.mlflow import experiment_id, resolve_tracking_uri
 from cliplab.train.trainer import TrainOutcome, run_training
 
@@ -97,7 +98,4 @@ def _log_summary(
         ax.legend(fontsize=8)
         ax.set_title("same-budget comparison (held-out)")
         fig.tight_layout()
-        png = Path(tmp) / "comparison.png"
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        client.log_artifact(parent, str(png), "plots")
+        log_figure(client, parent, fig, "plots/comparison.png")

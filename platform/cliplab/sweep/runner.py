@@ -28,6 +28,7 @@ from cliplab.resources import worker_resources
 from cliplab.sweep.config import SweepConfig, experiment_at
 from cliplab.sweep.report import ProgressTable, TrialRow, metric_vs_fields, parallel_coordinates, write_csv
 from cliplab.sweep.trial import STATUS_TAG, find_child, run_trial
+from cliplab.tracking.figures import log_figure
 from cliplab.tracking.mlflow import experiment_id, resolve_tracking_uri
 from cliplab.train.trainer import storage_root
 
@@ -253,15 +254,9 @@ def _summarise(
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(parent, str(write_csv(rows, fields, sweep.metric, Path(tmp) / "results.csv")))
         if any(r.metric is not None for r in rows):
-            client.log_artifact(
-                parent,
-                str(metric_vs_fields(rows, fields, sweep.metric, logs, Path(tmp) / "metric_vs_fields.png")),
-                "plots",
-            )
-            client.log_artifact(
-                parent,
-                str(parallel_coordinates(rows, fields, sweep.metric, logs, Path(tmp) / "parallel_coordinates.png")),
-                "plots",
+            log_figure(client, parent, metric_vs_fields(rows, fields, sweep.metric, logs), "plots/metric_vs_fields.png")
+            log_figure(
+                client, parent, parallel_coordinates(rows, fields, sweep.metric, logs), "plots/parallel_coordinates.png"
             )
         if best is not None:
             best_exp = experiment_at(base_tree, best.point, source)
