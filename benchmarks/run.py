@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cliplab.config import validate_tree
+from cliplab.config import read_tree, validate_tree
 from cliplab.data.pipeline import make_train_loader
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.data.tokenize import build_tokenizer
@@ -63,9 +63,7 @@ def _single_process_group() -> None:
 
 def _experiment(args: argparse.Namespace, shards: str, objective: str | None = "clip", config: Path = DEMO):
     """The config's experiment on these shards, one worker, the benchmark's batch and engine settings."""
-    import yaml
-
-    tree = yaml.safe_load(config.read_text())
+    tree = read_tree(config)
     tree["data"].update(train_shards=shards, val_shards=None, batch_size=args.batch, num_workers=args.loader_workers)
     if objective is not None:
         tree["objective"] = {"name": objective}

@@ -16,20 +16,12 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import Experiment
 from cliplab.errors import ConfigError
+from cliplab.metrics import compare_keys, is_train_metric
+from cliplab.tracking.figures import log_figure
 from cliplab.tracking.mlflow import experiment_id, resolve_tracking_uri
 from cliplab.train.trainer import TrainOutcome, run_training
 
 log = logging.getLogger("cliplab.compare")
-HEADLINE = (
-    "zeroshot/colour/top1",
-    "zeroshot/shape/top1",
-    "retrieval/i2t_R1",
-    "retrieval/t2i_R1",
-    "probe/spearman_scale",
-    "probe/spearman_content",
-    "samples_per_s",
-    "loss",
-)
 
 
 def compare(experiments: list[Experiment]) -> tuple[str, list[TrainOutcome]]:
@@ -60,10 +52,8 @@ def compare(experiments: list[Experiment]) -> tuple[str, list[TrainOutcome]]:
 
 
 def headline_keys(outcomes: list[TrainOutcome]) -> list[str]:
-    """HEADLINE metrics some run has, then R@1 per caption slot (holistic comparisons)."""
-    have = {k for o in outcomes for k in o.metrics}
-    slots = sorted(k for k in have if k.startswith("retrieval/") and k.count("/") == 2 and k.endswith("_R1"))
-    return [k for k in HEADLINE if k in have] + slots
+    """The headline metrics some run has, then R@1 per caption slot (holistic comparisons)."""
+    return compare_keys({k for o in outcomes for k in o.metrics})
 
 
 def table(experiments: list[Experiment], outcomes: list[TrainOutcome]) -> str:
@@ -93,7 +83,7 @@ def _log_summary(
             for e, o in zip(experiments, outcomes, strict=True):
                 writer.writerow([e.name, e.objective.name, o.mlflow_run_id, *(o.metrics.get(k, "") for k in keys)])
         client.log_artifact(parent, str(path))
-        shown = [k for k in headline_keys(outcomes) if k not in ("samples_per_s", "loss")]
+        shown = [k for k in headline_keys(outcomes) if not is_train_metric(k)]
         fig, ax = plt.subplots(figsize=(1.6 * len(shown) + 2, 4))
         width = 0.8 / len(outcomes)
         for i, (e, o) in enumerate(zip(experiments, outcomes, strict=True)):
@@ -108,7 +98,4 @@ def _log_summary(
         ax.legend(fontsize=8)
         ax.set_title("same-budget comparison (held-out)")
         fig.tight_layout()
-        png = Path(tmp) / "comparison.png"
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        client.log_artifact(parent, str(png), "plots")
+        log_figure(client, parent, fig, "plots/comparison.png")

@@ -266,25 +266,7 @@ class Experiment(Strict):
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: true; use bf16 or fp32 on CPU")
         if self.eval.zeroshot and not self.data.val_shards:
             raise ValueError("eval.zeroshot needs data.val_shards")
-        if self.objective.params.get("distill_teacher") == "ema" and self.deepspeed.zero_stage == 3:
-            raise ValueError(
-                "objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
-                "full copy on every rank)"
-            )
-        if self.objective.name == "holistic":
-            self._check_holistic()
         return self
-
-    def _check_holistic(self) -> None:
-        if self.data.captions is None:
-            raise ValueError("objective holistic needs data.captions (the caption slots, one per branch)")
-        branches = self.model.branches.count if self.model.branches else 1
-        slots = len(self.data.captions.slots)
-        if branches > slots and self.objective.params.get("assignment", "fixed") == "fixed":
-            raise ValueError(
-                f"model.branches.count {branches} > {slots} data.captions.slots: branches without "
-                "a caption slot never train under objective.assignment fixed; add slots or use free"
-            )
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of the whole config (MLflow params, sweep spaces)."""
@@ -336,15 +318,63 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = yaml.safe_load(yaml.safe_dump(tree))
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, parts, value, f"--set {text!r}")
+    return out
+
+
+def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, label: str) -> None:
+    """Set `tree[a][b]...[z] = value` in place, creating sections; `label` names the setting in errors."""
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    check_config_file(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
+def read_tree(path: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw tree of an experiment file, with its `base:` chain resolved (as sweep files do).
+
+    A file with `base: other.yaml` (relative to the file) holds nothing but `base` and `overrides`, a map
+    of dotted keys to values set on the base's tree like `--set` (a value replaces the whole field, a
+    section included). Bases may have bases; a file reached twice along the chain is a cycle and refused.
+    """
+    path = Path(path)
+    tree = _read_yaml(path)
+    if "base" not in tree:
+        return tree
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(here) :], here))
+        raise ConfigError(f"{path}: base: cycle of experiment files {cycle}")
+    base, overrides = tree.pop("base"), tree.pop("overrides", None) or {}
+    if tree:
+        raise ConfigError(
+            f"{path}: {', '.join(sorted(tree))}: a file with base: holds only base and overrides "
+            "(dotted keys, e.g. overrides: {train.steps: 100})"
+        )
+    if not isinstance(base, str) or not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: base: needs a file name and overrides: a map of dotted keys to values")
+    out = read_tree(path.parent / base, (*chain, here))
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ConfigError(f"{path}: overrides.{key}: empty part in the dotted key")
+        set_dotted(out, parts, value, f"{path}: overrides.{key}")
     return out
 
 
@@ -386,16 +416,34 @@ def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
         exp = Experiment.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    from cliplab.objectives.registry import validate_params
+    _check_objective(exp, source)
+    return exp
+
+
+def _check_objective(exp: Experiment, source: str) -> None:
+    """The objective's parameters, the batch fields it reads, and its own rules against the experiment."""
+    from cliplab.data.fields import missing_fields
+    from cliplab.objectives.registry import get_spec
 
     try:
-        validate_params(exp.objective.name, exp.objective.params)
-    except ValidationError as exc:
-        msg = _describe(exc, source).replace("\n  ", "\n  objective.")
-        raise ConfigError(msg) from None
+        spec = get_spec(exp.objective.name)
     except KeyError as exc:
         raise ConfigError(f"{source}: objective.name: {exc.args[0]}") from None
-    return exp
+    try:
+        params = spec.params.model_validate(exp.objective.params)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source).replace("\n  ", "\n  objective.")) from None
+    missing = missing_fields(spec.batch_fields, exp.data)
+    if missing:
+        lines = [
+            f"objective {spec.name} needs {setting} (it reads the batch fields {', '.join(fields)})"
+            for setting, fields in missing.items()
+        ]
+        raise ConfigError(f"{source}: invalid experiment config\n  " + "\n  ".join(lines))
+    try:
+        spec.check(params, exp)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid experiment config\n  {exc}") from None
 
 
 def check_config_file(path: Path, kind: str = "config") -> None:
@@ -409,16 +457,8 @@ def check_config_file(path: Path, kind: str = "config") -> None:
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read a YAML experiment file, apply `--set` overrides, validate; errors name file and field."""
-    path = Path(path)
-    check_config_file(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = apply_overrides(tree, overrides or [])
+    """Read a YAML experiment file (and its bases), apply `--set` overrides, validate; errors name file and field."""
+    tree = apply_overrides(read_tree(path), overrides or [])
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return validate_tree(tree, source)
 

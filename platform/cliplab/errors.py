@@ -33,3 +33,7 @@ class StorageUnavailable(StorageError):
 
 class StorageAuthError(StorageError):
     """The storage endpoint refused the credentials (missing, wrong, or without access)."""
+
+
+class InstallError(CliplabError):
+    """The installed metadata does not match the sources (e.g. missing entry points); reinstalling fixes it."""

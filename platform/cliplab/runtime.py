@@ -10,6 +10,7 @@ import ray
 
 from cliplab.config import Experiment
 from cliplab.errors import ConfigError
+from cliplab.resources import worker_resources
 
 log = logging.getLogger("cliplab.runtime")
 
@@ -47,9 +48,7 @@ def check_fits(exp: Experiment) -> None:
     """Refuse, before any worker starts, a job the running cluster can never place (it would wait forever)."""
     have = ray.cluster_resources()
     s = exp.scaling
-    need = {"CPU": s.num_workers * s.cpus_per_worker}
-    if s.use_gpu:
-        need["GPU"] = s.num_workers * s.gpus_per_worker
+    need = worker_resources(s)
     for resource, amount in need.items():
         if amount > have.get(resource, 0) + 1e-9:
             raise ConfigError(

@@ -116,7 +116,7 @@ def test_ema_teacher_follows_the_student_slowly(process_group) -> None:
     exp = validate_tree(
         {
             "name": "ema",
-            "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4},
+            "data": {"train_shards": "x/{0..1}.tar", "batch_size": 4, "views": {"count": 2}},
             "model": {"config": tiny},
             "objective": {"name": "mcd", "distill_teacher": "ema", "ema_decay": 0.5},
             "optim": {"lr": 0.05, "warmup_steps": 0},
@@ -155,7 +155,7 @@ def test_ema_teacher_is_refused_at_zero3() -> None:
         validate_tree(
             {
                 "name": "x",
-                "data": {"train_shards": "x/{0..1}.tar"},
+                "data": {"train_shards": "x/{0..1}.tar", "views": {"count": 2}},
                 "model": {"name": "ViT-B-32"},
                 "objective": {"name": "mcd", "distill_teacher": "ema"},
                 "deepspeed": {"zero_stage": 3},

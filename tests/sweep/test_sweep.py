@@ -130,6 +130,35 @@ def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucke
 
 
 @pytest.mark.slow
+def test_asha_stops_the_clearly_worse_trial_early(ray_local, sweep_bucket, tmp_path, mlflow_uri):
+    """Two trials one after the other, rungs at steps 1, 2 and 4: the one whose lr is too small to learn is cut at 2.
+
+    Step 1's loss is the untrained model's (equal in both trials, so not a cut); after one update with
+    lr 1e-2 the loss drops well below the random model's (about 2.9 against 3.3 on these shards), which
+    the lr 1e-7 trial still has at the same rung.
+    """
+    path = write_configs(
+        tmp_path,
+        mlflow_uri,
+        {"optim.lr": {"grid": [1e-2, 1e-7]}},
+        metric="loss",
+        mode="min",
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        overrides={"eval.every_steps": None, "data.val_shards": None},
+    )
+    sweep, base_tree = load_sweep(path)
+    outcome = run_sweep(sweep, base_tree, path)
+
+    by_lr = {r.point["optim.lr"]: r for r in outcome.rows}
+    assert by_lr[1e-2].status == "TERMINATED" and by_lr[1e-2].step == 4
+    assert by_lr[1e-7].status == "EARLY_STOPPED" and by_lr[1e-7].step == 2, outcome.rows
+    assert by_lr[1e-7].metric > by_lr[1e-2].metric
+    assert outcome.best is by_lr[1e-2]
+    child = MlflowClient(mlflow_uri).get_run(by_lr[1e-7].mlflow_run_id)
+    assert child.data.tags["cliplab.trial_status"] == "EARLY_STOPPED" and child.info.status == "KILLED"
+
+
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicate_children(ray_local, sweep_bucket, tmp_path, mlflow_uri):
     """Kill the sweep's driver once the first trial finished, resume it by name: 3 children, all finished."""
     import ray

@@ -26,6 +26,7 @@ from cliplab.cluster import crds
 from cliplab.cluster.repo import find_repo
 from cliplab.config import Experiment, load_experiment, validate_tree
 from cliplab.errors import ConfigError
+from cliplab.resources import worker_resources
 
 TEMPLATE = Path("cluster") / "raycluster.yaml"
 CRD_DIR = Path("cluster") / "crds"
@@ -68,14 +69,15 @@ def _size_workers(group: dict[str, Any], exp: Experiment, workers: int, jobs_at_
                 f"nodes of {gpus_per_node} GPUs (--gpus-per-node)"
             )
         per_node = math.floor(gpus_per_node / s.gpus_per_worker)
-        limits["nvidia.com/gpu"] = str(math.ceil(min(workers, per_node) * s.gpus_per_worker))
     else:
         per_node = workers
         limits.pop("nvidia.com/gpu", None)
         group["template"]["spec"].pop("tolerations", None)
         group["groupName"] = "cpu-workers"
-    workers_on_node = min(workers, per_node)
-    cpus = math.ceil(workers_on_node * s.cpus_per_worker + 2)  # + data-loader and Ray overhead
+    node = worker_resources(s, min(workers, per_node), extra_cpus=2)  # + data-loader and Ray overhead
+    if s.use_gpu:
+        limits["nvidia.com/gpu"] = str(math.ceil(node["GPU"]))
+    cpus = math.ceil(node["CPU"])
     limits["cpu"] = str(cpus)
     # memory and the /dev/shm volume scale with this node's GPUs (CPUs) over the template node's
     share = int(limits["nvidia.com/gpu"]) / template_gpus if s.use_gpu else cpus / template_cpus

@@ -1,5 +1,5 @@
-"""Training objectives behind a registry: `clip`, `mcd` and `holistic` (see registry.py)."""
+"""Training objectives, found through the `cliplab.objectives` entry points (see registry.py)."""
 
-from cliplab.objectives.registry import Objective, build_objective, register, validate_params
+from cliplab.objectives.registry import Objective, ObjectiveSpec, build_objective, get_spec, validate_params
 
-__all__ = ["Objective", "build_objective", "register", "validate_params"]
+__all__ = ["Objective", "ObjectiveSpec", "build_objective", "get_spec", "validate_params"]

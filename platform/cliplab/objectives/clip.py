@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from cliplab.objectives.distributed import gather_with_grad, global_labels
-from cliplab.objectives.registry import register
+from cliplab.objectives.registry import ObjectiveSpec
 
 
 class ClipParams(BaseModel):
@@ -60,6 +60,15 @@ class ClipObjective:
         """Nothing to restore."""
 
 
-@register("clip", ClipParams)
 def build_clip(params: ClipParams) -> ClipObjective:
+    """CLIP from its (empty) parameters."""
     return ClipObjective()
+
+
+SPEC = ObjectiveSpec(
+    name="clip",
+    params=ClipParams,
+    build=build_clip,
+    batch_fields=frozenset({"image", "text"}),
+    terms=lambda params, exp: ("loss_i2t", "loss_t2i"),
+)

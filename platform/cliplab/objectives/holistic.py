@@ -24,14 +24,17 @@ assignment), `own_caption_frac` (share of pairs with their own caption), `loss_d
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from cliplab.objectives.distributed import gather_with_grad, global_labels
-from cliplab.objectives.registry import register
+from cliplab.objectives.registry import ObjectiveSpec
+
+if TYPE_CHECKING:
+    from cliplab.config import Experiment
 
 
 class HolisticParams(BaseModel):
@@ -125,6 +128,39 @@ class HolisticObjective:
         """Nothing to restore."""
 
 
-@register("holistic", HolisticParams)
 def build_holistic(params: HolisticParams) -> HolisticObjective:
+    """The M2M objective from its validated parameters."""
     return HolisticObjective(params)
+
+
+def check_holistic(params: HolisticParams, exp: Experiment) -> None:
+    """Under fixed assignment branch c trains on caption slot c only: a branch past the last slot never trains."""
+    branches = exp.model.branches.count if exp.model.branches else 1
+    slots = len(exp.data.captions.slots)
+    if branches > slots and params.assignment == "fixed":
+        raise ValueError(
+            f"model.branches.count {branches} > {slots} data.captions.slots: branches without "
+            "a caption slot never train under objective.assignment fixed; add slots or use free"
+        )
+
+
+def holistic_terms(params: HolisticParams, exp: Experiment) -> tuple[str, ...]:
+    """The logged terms: directions, one per caption slot, the own-caption share, the hinge when on."""
+    slots = len(exp.data.captions.slots)
+    return (
+        "loss_i2t",
+        "loss_t2i",
+        *(f"loss_branch{c}" for c in range(slots)),
+        "own_caption_frac",
+        *(("loss_div",) if params.diversity else ()),
+    )
+
+
+SPEC = ObjectiveSpec(
+    name="holistic",
+    params=HolisticParams,
+    build=build_holistic,
+    batch_fields=frozenset({"image", "texts", "caption_own"}),
+    terms=holistic_terms,
+    check=check_holistic,
+)

@@ -25,7 +25,7 @@ Gathered across workers: anchor image and caption embeddings (with gradient). Vi
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,10 @@ from torch.func import functional_call
 
 from cliplab.objectives.clip import contrastive_loss
 from cliplab.objectives.distributed import gather_with_grad, global_labels
-from cliplab.objectives.registry import register
+from cliplab.objectives.registry import ObjectiveSpec
+
+if TYPE_CHECKING:
+    from cliplab.config import Experiment
 
 
 class McdParams(BaseModel):
@@ -167,7 +170,7 @@ class McdObjective:
         self.teacher = EmaTower(params.ema_decay) if params.distill_teacher == "ema" else None
 
     def embed(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if "views" not in batch:
+        if "views" not in batch:  # batches built outside the reader (benchmarks, tests) skip validate_tree
             raise ValueError("objective mcd needs misaligned views: set data.views.count >= 1")
         out = model(image=batch["image"], text=batch["text"])
         b, v = batch["views"].shape[:2]
@@ -212,6 +215,25 @@ class McdObjective:
         }
 
 
-@register("mcd", McdParams)
 def build_mcd(params: McdParams) -> McdObjective:
+    """MCD from its validated parameters."""
     return McdObjective(params)
+
+
+def check_mcd(params: McdParams, exp: Experiment) -> None:
+    """The EMA teacher is a full copy of the image tower on every rank: ZeRO-3's sharded weights cannot feed it."""
+    if params.distill_teacher == "ema" and exp.deepspeed.zero_stage == 3:
+        raise ValueError(
+            "objective.distill_teacher: ema needs deepspeed.zero_stage <= 2 (the EMA tower is a "
+            "full copy on every rank)"
+        )
+
+
+SPEC = ObjectiveSpec(
+    name="mcd",
+    params=McdParams,
+    build=build_mcd,
+    batch_fields=frozenset({"image", "text", "crop_box", "views", "view_boxes", "view_jitter"}),
+    terms=lambda params, exp: ("loss_clip", "loss_contrast", "loss_distill", "misalignment_mean"),
+    check=check_mcd,
+)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 
-def score_histograms(scores: dict[str, np.ndarray], selected: np.ndarray, path: Path, title: str) -> Path:
+def score_histograms(scores: dict[str, np.ndarray], selected: np.ndarray, title: str) -> Figure:
     """One panel per score: histogram of the pool and of the selected samples (boolean mask `selected`)."""
     fig, axes = plt.subplots(1, len(scores), figsize=(4.5 * len(scores), 3.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
@@ -22,20 +21,17 @@ def score_histograms(scores: dict[str, np.ndarray], selected: np.ndarray, path: 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def score_scatter(
     scores: dict[str, np.ndarray],
     selected: np.ndarray,
     noisy: np.ndarray,
-    path: Path,
     title: str,
     max_points: int = 20000,
     seed: int = 0,
-) -> Path:
+) -> Figure:
     """One panel per pair of scores: selected against rejected samples, noisy captions (flag 1) as crosses.
 
     Where the scores disagree is what the panel shows: e.g. samples CLIPScore ranks high but negCLIPLoss
@@ -58,6 +54,4 @@ def score_scatter(
         ax.legend(fontsize=7, markerscale=2)
     fig.suptitle(f"{title}: {len(show)} of {n} samples")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

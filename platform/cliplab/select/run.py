@@ -47,6 +47,7 @@ from cliplab.select.recipes import apply_chain, combine
 from cliplab.select.reshard import reshard
 from cliplab.select.scores import clip_score, neg_clip_loss, norm_sim
 from cliplab.select.teacher import TeacherInfo, inspect, resolve
+from cliplab.tracking.figures import log_figure
 from cliplab.tracking.mlflow import RunLogger, experiment_id, git_commit, resolve_tracking_uri
 
 log = logging.getLogger("cliplab.select")
@@ -252,10 +253,11 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
             )
             run_logger.tags({RESHARD_TAG: result.spec})
             log.info("select: %d samples in %d new shards: %s", result.samples, len(result.urls), result.spec)
-        plot = score_histograms(scores, selected, Path(work) / "score_histograms.png", cfg.name)
-        run_logger.artifact(plot)
+        fig = score_histograms(scores, selected, cfg.name)
+        log_figure(run_logger.client, run_logger.run_id, fig, "score_histograms.png", dpi=100)
         noisy = pool.meta.column("noisy").to_numpy()
-        run_logger.artifact(score_scatter(scores, selected, noisy, Path(work) / "score_scatter.png", cfg.name))
+        fig = score_scatter(scores, selected, noisy, cfg.name)
+        log_figure(run_logger.client, run_logger.run_id, fig, "score_scatter.png", dpi=100)
         config = Path(work) / "selection.yaml"
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         run_logger.artifact(config)

@@ -17,18 +17,22 @@ experiment before any trial starts, so a typo in a field name or an out-of-range
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cliplab.config import Experiment, apply_overrides, check_config_file, parse_override, validate_tree
+from cliplab.config import (
+    Experiment,
+    apply_overrides,
+    check_config_file,
+    parse_override,
+    read_tree,
+    validate_tree,
+)
 from cliplab.errors import ConfigError
-
-EVAL_PREFIXES = ("zeroshot/", "retrieval/", "probe/", "branch")
-TRAIN_METRICS = ("loss", "samples_per_s")
+from cliplab.metrics import is_held_out, is_train_metric
 
 
 class Dist(BaseModel):
@@ -109,13 +113,13 @@ def experiment_at(base_tree: dict[str, Any], point: dict[str, Any], source: str)
 
 
 def _check_metric(sweep: SweepConfig, exp: Experiment, source: str) -> None:
-    if sweep.metric.startswith(EVAL_PREFIXES):
+    if is_held_out(sweep.metric):
         if not (exp.data.val_shards and exp.eval.every_steps):
             raise ConfigError(
                 f"{source}: metric {sweep.metric!r} is an evaluation metric; the base experiment "
                 "needs data.val_shards and eval.every_steps"
             )
-    elif sweep.metric not in TRAIN_METRICS and not re.match(r"^loss_", sweep.metric):
+    elif not is_train_metric(sweep.metric):
         raise ConfigError(
             f"{source}: metric {sweep.metric!r}: not a metric cliplab reports (use an evaluation "
             "metric such as retrieval/i2t_R1 or zeroshot/<task>/top1, or loss)"
@@ -142,7 +146,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     base_path = (path.parent / sweep.base).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{path}: base: no such experiment file {base_path}")
-    base_tree = yaml.safe_load(base_path.read_text()) or {}
+    base_tree = read_tree(base_path)
     sets = point_overrides(sweep.overrides) + list(overrides or [])
     base_tree = apply_overrides(base_tree, sets)
     for text in overrides or []:

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from ray import tune
 
@@ -112,7 +113,7 @@ def _numeric(values: list[Any]) -> list[float] | None:
         return None
 
 
-def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str], path: Path) -> Path:
+def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str]) -> Figure:
     """One panel per swept field: the metric of every trial that reported it, early-stopped ones hollow."""
     fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.5), squeeze=False)
     done = [r for r in rows if r.metric is not None]
@@ -132,12 +133,10 @@ def metric_vs_fields(rows: list[TrialRow], fields: list[str], metric: str, log_s
         ax.set(xlabel=name, ylabel=metric)
     fig.suptitle(f"{metric} per trial (hollow: stopped early by the scheduler)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def parallel_coordinates(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str], path: Path) -> Path:
+def parallel_coordinates(rows: list[TrialRow], fields: list[str], metric: str, log_scale: set[str]) -> Figure:
     """Each trial a line across the swept fields (scaled to [0, 1]) and the metric, coloured by the metric."""
     done = [r for r in rows if r.metric is not None]
     axes_names = [*fields, metric]
@@ -167,6 +166,4 @@ def parallel_coordinates(rows: list[TrialRow], fields: list[str], metric: str, l
     ax.set_yticks([0, 1], ["low", "high"])
     ax.set_title(f"parallel coordinates, colour = {metric} (dashed: stopped early)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -24,9 +24,11 @@ from ray import tune
 
 from cliplab.config import Experiment, dump_yaml, validate_tree
 from cliplab.errors import CliplabError, ConfigError
+from cliplab.resources import worker_resources
 from cliplab.sweep.config import SweepConfig, experiment_at
 from cliplab.sweep.report import ProgressTable, TrialRow, metric_vs_fields, parallel_coordinates, write_csv
 from cliplab.sweep.trial import STATUS_TAG, find_child, run_trial
+from cliplab.tracking.figures import log_figure
 from cliplab.tracking.mlflow import experiment_id, resolve_tracking_uri
 from cliplab.train.trainer import storage_root
 
@@ -56,11 +58,7 @@ def tune_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def trial_resources(sweep: SweepConfig, exp: Experiment) -> dict[str, float]:
     """What one trial holds: its driver's CPU plus every Train worker's request."""
-    s = exp.scaling
-    need = {"CPU": sweep.trial_cpus + s.num_workers * s.cpus_per_worker}
-    if s.use_gpu:
-        need["GPU"] = s.num_workers * s.gpus_per_worker
-    return need
+    return worker_resources(exp.scaling, extra_cpus=sweep.trial_cpus)
 
 
 def concurrency(sweep: SweepConfig, exp: Experiment, cluster: dict[str, float]) -> int:
@@ -256,15 +254,9 @@ def _summarise(
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(parent, str(write_csv(rows, fields, sweep.metric, Path(tmp) / "results.csv")))
         if any(r.metric is not None for r in rows):
-            client.log_artifact(
-                parent,
-                str(metric_vs_fields(rows, fields, sweep.metric, logs, Path(tmp) / "metric_vs_fields.png")),
-                "plots",
-            )
-            client.log_artifact(
-                parent,
-                str(parallel_coordinates(rows, fields, sweep.metric, logs, Path(tmp) / "parallel_coordinates.png")),
-                "plots",
+            log_figure(client, parent, metric_vs_fields(rows, fields, sweep.metric, logs), "plots/metric_vs_fields.png")
+            log_figure(
+                client, parent, parallel_coordinates(rows, fields, sweep.metric, logs), "plots/parallel_coordinates.png"
             )
         if best is not None:
             best_exp = experiment_at(base_tree, best.point, source)

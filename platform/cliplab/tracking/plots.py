@@ -10,21 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cliplab.metrics import is_headline, is_held_out
 
-def is_headline(metric: str) -> bool:
-    """Metrics worth a curve and a place in progress lines: loss terms aside, the top-level eval numbers."""
-    if metric.startswith("zeroshot/"):
-        return metric.endswith("/top1")
-    if metric.startswith("retrieval/"):
-        return metric.count("/") == 1 and metric.endswith("_R1")
-    return metric.startswith("probe/spearman")
+__all__ = ["branch_slot_heatmap", "is_headline", "loss_curves"]  # is_headline: the train loop's import
 
 
 def loss_curves(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
     """One line per metric (step on x); eval metrics on a second panel if present."""
-    held_out = ("zeroshot/", "retrieval/", "probe/")
-    train = {k: v for k, v in series.items() if v and not k.startswith(held_out)}
-    evals = {k: v for k, v in series.items() if v and k.startswith(held_out)}
+    train = {k: v for k, v in series.items() if v and not is_held_out(k)}
+    evals = {k: v for k, v in series.items() if v and is_held_out(k)}
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     for name, points in train.items():
         steps, values = zip(*points, strict=True)
