@@ -8,14 +8,7 @@ import uuid
 import pytest
 
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
-from fixtures_services import mlflow_uri, process_group, ray_local  # noqa: F401  (fixtures)
-
-# Credentials every test process and Ray worker sees: recognisable, so a test can look for leaks (moto takes any).
-TEST_SECRETS = {
-    "AWS_ACCESS_KEY_ID": "AKIACLIPLAB7LEAKCHECK",
-    "AWS_SECRET_ACCESS_KEY": "cliplab-leak-check-secret-5e1f",
-    "MLFLOW_TRACKING_PASSWORD": "cliplab-leak-check-password-a09c",
-}
+from fixtures_services import TEST_SECRETS, mlflow_uri, process_group, ray_local  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Credentials every test process and Ray worker sees: recognisable, so a test can look for leaks (moto takes any).
+TEST_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIACLIPLAB7LEAKCHECK",
+    "AWS_SECRET_ACCESS_KEY": "cliplab-leak-check-secret-5e1f",
+    "MLFLOW_TRACKING_PASSWORD": "cliplab-leak-check-password-a09c",
+}
+
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):

@@ -82,7 +82,7 @@ def experiment(tmp_path: Path, mlflow_uri: str, **sections):
 def _assert_no_secret_leaked(tmp_path: Path, ray, captured) -> None:
     """The session's credentials appear in no MLflow param, tag, metric or artifact (the store and artifact root
     beside it hold them all), no Ray log of this session, and nothing the driver printed."""
-    from conftest import TEST_SECRETS
+    from fixtures_services import TEST_SECRETS
 
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     files = [p for root in (tmp_path, session / "logs") for p in root.rglob("*") if p.is_file()]
