@@ -402,8 +402,8 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
-    """Validate a raw tree into an Experiment, including the objective's own parameters."""
+def check_tree(tree: Any, source: str) -> None:
+    """What every config file must be before its schema is applied: a mapping of sections, holding no secret."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(tree).__name__}")
     secrets = _find_secrets(tree)
@@ -412,6 +412,11 @@ def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
             f"{source}: {', '.join(secrets)}: secrets are never read from config files; set them in the "
             "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)"
         )
+
+
+def validate_tree(tree: dict[str, Any], source: str = "<config>") -> Experiment:
+    """Validate a raw tree into an Experiment, including the objective's own parameters."""
+    check_tree(tree, source)
     try:
         exp = Experiment.model_validate(tree)
     except ValidationError as exc:

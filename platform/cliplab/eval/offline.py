@@ -43,9 +43,8 @@ def evaluate_export_here(exp_json: dict[str, Any], export_dir: str) -> dict[str,
     """Load the export and run every held-out evaluation in this process."""
     import torch
 
-    from cliplab.data.pipeline import eval_batches
     from cliplab.data.tokenize import build_tokenizer
-    from cliplab.eval.runner import evaluate
+    from cliplab.eval.runner import evaluate_experiment
     from cliplab.models.factory import load_exported
 
     exp = Experiment.model_validate(exp_json)
@@ -53,21 +52,7 @@ def evaluate_export_here(exp_json: dict[str, Any], export_dir: str) -> dict[str,
     model, pre, model_cfg = load_exported(export_dir)
     model = model.to(device).eval()
     tokenizer = build_tokenizer(model_cfg)
-    captions = exp.data.captions
-    batches = eval_batches(
-        exp.data.val_shards,
-        exp.eval.batch_size,
-        pre.image_size,
-        pre.mean,
-        pre.std,
-        tokenizer,
-        exp.data.caption_key,
-        0,
-        1,
-        exp.eval.max_samples,
-        captions,
-    )
-    return evaluate(model, tokenizer, batches, exp.eval.zeroshot, device, slots=captions.slots if captions else None)
+    return evaluate_experiment(model, exp, pre, tokenizer, device)
 
 
 def evaluate_export(exp: Experiment, export_dir: str, source_run: str | None = None) -> tuple[dict[str, float], str]:

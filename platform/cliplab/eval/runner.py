@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from cliplab.config import ZeroShotTask
+from cliplab.config import Experiment, ZeroShotTask
+from cliplab.data.pipeline import eval_batches
 from cliplab.eval.embed import embed_batches
 from cliplab.eval.retrieval import retrieval_metrics
 from cliplab.eval.zeroshot import class_embeddings, lookup, zeroshot_accuracy
@@ -65,3 +66,24 @@ def slot_retrieval(
                 per_branch = retrieval_metrics(image, texts[:, c], m, groups)
                 out.update({f"branch{m}/{slot}/{k}": per_branch[k] for k in ("i2t_R1", "t2i_R1")})
     return out
+
+
+def evaluate_experiment(
+    model: Any, exp: Experiment, pre: Any, tokenizer: Callable, device: torch.device, rank: int = 0, world: int = 1
+) -> dict[str, float]:
+    """Every held-out evaluation the experiment asks for, over this rank's share of its val shards (collective)."""
+    captions = exp.data.captions
+    batches = eval_batches(
+        exp.data.val_shards,
+        exp.eval.batch_size,
+        pre.image_size,
+        pre.mean,
+        pre.std,
+        tokenizer,
+        exp.data.caption_key,
+        rank,
+        world,
+        exp.eval.max_samples,
+        captions,
+    )
+    return evaluate(model, tokenizer, batches, exp.eval.zeroshot, device, slots=captions.slots if captions else None)

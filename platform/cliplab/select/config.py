@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cliplab.config import Strict, _describe, _find_secrets, apply_overrides
+from cliplab.config import Strict, _describe, apply_overrides, check_tree
 from cliplab.data.shards import expand_urls
 from cliplab.errors import ConfigError, DataError
 from cliplab.select.recipes import Step
@@ -187,14 +187,7 @@ class SelectConfig(Strict):
 
 def validate_selection(tree: Any, source: str = "<config>") -> SelectConfig:
     """Validate a raw tree into a SelectConfig; errors name the source and the dotted field."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(tree).__name__}")
-    secrets = _find_secrets(tree)
-    if secrets:
-        raise ConfigError(
-            f"{source}: {', '.join(secrets)}: secrets are never read from config files; set them in the "
-            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)"
-        )
+    check_tree(tree, source)
     try:
         return SelectConfig.model_validate(tree)
     except ValidationError as exc:

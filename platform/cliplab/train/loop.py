@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from cliplab import storage
 from cliplab.config import Experiment
-from cliplab.data.pipeline import StreamPosition, eval_batches, make_train_loader
+from cliplab.data.pipeline import StreamPosition, make_train_loader
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.eval.probes import calibration_plot, misalignment_probe
-from cliplab.eval.runner import evaluate
+from cliplab.eval.runner import evaluate_experiment
 from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger
@@ -218,23 +218,8 @@ def _evaluate(
     encoders = _eval_model(engine, exp, dtype, device)
     engine.eval()
     captions = exp.data.captions
-    batches = eval_batches(
-        exp.data.val_shards,
-        exp.eval.batch_size,
-        pre.image_size,
-        pre.mean,
-        pre.std,
-        tokenizer,
-        exp.data.caption_key,
-        rank,
-        world,
-        exp.eval.max_samples,
-        captions,
-    )
     try:
-        metrics = evaluate(
-            encoders, tokenizer, batches, exp.eval.zeroshot, device, slots=captions.slots if captions else None
-        )
+        metrics = evaluate_experiment(encoders, exp, pre, tokenizer, device, rank, world)
         if tracker and exp.model.branches and captions:
             with tempfile.TemporaryDirectory() as tmp:
                 png = branch_slot_heatmap(
