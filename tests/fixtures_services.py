@@ -17,6 +17,18 @@ TEST_SECRETS = {
 }
 
 
+def assert_no_secret_leaked(tmp_path: Path, ray, captured) -> None:
+    """The session's credentials appear in no MLflow param, tag, metric or artifact (the store and artifact root
+    beside it hold them all), no Ray log of this session (runtime envs are logged), nor anything printed."""
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for root in (tmp_path, session / "logs") for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".log" for p in files)
+    blobs = [(str(p), p.read_bytes()) for p in files] + [("driver output", (captured.out + captured.err).encode())]
+    for name, secret in TEST_SECRETS.items():
+        leaks = [where for where, blob in blobs if secret.encode() in blob]
+        assert leaks == [], f"{name} leaked into {leaks}"
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """A local Ray sized to this machine, started after the S3 env is set so workers inherit it."""

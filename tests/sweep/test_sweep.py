@@ -21,6 +21,7 @@ from cliplab.errors import ConfigError
 from cliplab.sweep.config import load_sweep
 from cliplab.sweep.runner import run_sweep
 from cliplab.tracking.mlflow import params_of
+from fixtures_services import assert_no_secret_leaked
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = {
@@ -77,7 +78,7 @@ def write_configs(tmp_path: Path, mlflow_uri: str, space: dict, **sweep) -> Path
 
 
 @pytest.mark.slow
-def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucket, tmp_path, mlflow_uri):
+def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucket, tmp_path, mlflow_uri, capfd):
     path = write_configs(
         tmp_path,
         mlflow_uri,
@@ -127,6 +128,7 @@ def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucke
             assert float(child.data.params["optim.lr"]) == pytest.approx(by_crash[None].point["optim.lr"])
         else:
             assert child.info.status == "FAILED" and child.data.tags["cliplab.trial_status"] == "ERROR"
+    assert_no_secret_leaked(tmp_path, ray_local, capfd.readouterr())  # Tune copies AWS keys into trial envs
 
 
 @pytest.mark.slow

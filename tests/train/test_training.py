@@ -21,6 +21,7 @@ from cliplab.config import validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.tracking.registry import using_tracking_uri
 from cliplab.train.trainer import run_training
+from fixtures_services import assert_no_secret_leaked
 from tarfaults import cut_inside_member, with_garbage_jpg
 
 pytestmark = pytest.mark.slow
@@ -77,20 +78,6 @@ def experiment(tmp_path: Path, mlflow_uri: str, **sections):
     for section, values in sections.items():
         tree[section] = {**tree.get(section, {}), **values}
     return validate_tree(tree, "test")
-
-
-def _assert_no_secret_leaked(tmp_path: Path, ray, captured) -> None:
-    """The session's credentials appear in no MLflow param, tag, metric or artifact (the store and artifact root
-    beside it hold them all), no Ray log of this session, and nothing the driver printed."""
-    from fixtures_services import TEST_SECRETS
-
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
-    files = [p for root in (tmp_path, session / "logs") for p in root.rglob("*") if p.is_file()]
-    assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".log" for p in files)
-    blobs = [(str(p), p.read_bytes()) for p in files] + [("driver output", (captured.out + captured.err).encode())]
-    for name, secret in TEST_SECRETS.items():
-        leaks = [where for where, blob in blobs if secret.encode() in blob]
-        assert leaks == [], f"{name} leaked into {leaks}"
 
 
 @pytest.mark.parametrize(
@@ -152,7 +139,7 @@ def test_train_tracks_checkpoints_and_exports(
     model, _, _ = open_clip.create_model_and_transforms("cliplab-e2e", pretrained=str(local / "open_clip_model.pt"))
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
     if (zero, objective) == (1, "clip"):
-        _assert_no_secret_leaked(tmp_path, ray_local, capfd.readouterr())
+        assert_no_secret_leaked(tmp_path, ray_local, capfd.readouterr())
     version = next(v for v in versions if v.run_id == run.info.run_id)
     with using_tracking_uri(mlflow_uri):
         registered = mlflow.pyfunc.load_model(f"models:/cliplab-e2e/{version.version}")

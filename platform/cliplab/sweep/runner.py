@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from cliplab.config import Experiment, dump_yaml, validate_tree
+from cliplab.credentials import keys_in_private_file
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.resources import worker_resources
 from cliplab.sweep.config import SweepConfig, experiment_at
@@ -176,26 +177,31 @@ def run_sweep(
         failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
     )
     path = f"{storage.rstrip('/')}/{name}"
-    if resume:
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=tune_space(sweep),
-            run_config=run_config,
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric,
-                mode=sweep.mode,
-                num_samples=sweep.num_samples,
-                search_alg=_search(sweep, parallel),
-                scheduler=_scheduler(sweep, exp),
-            ),
-        )
-    grid = tuner.fit()
+    with keys_in_private_file():  # Tune would copy AWS keys into each trial's runtime env, and Ray logs it
+        grid = _tuner(trainable, sweep, exp, run_config, path, parallel, resume).fit()
     rows = _rows(grid, sweep, exp, uri, parent)
     best = _best(rows, sweep)
     _summarise(sweep, base_tree, uri, parent, rows, best, str(sweep_file))
     return SweepOutcome(name=name, parent_run_id=parent, tracking_uri=uri, rows=rows, best=best)
+
+
+def _tuner(
+    trainable: Any, sweep: SweepConfig, exp: Experiment, run_config: Any, path: str, parallel: int, resume: str | None
+) -> tune.Tuner:
+    if resume:
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(sweep),
+        run_config=run_config,
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            search_alg=_search(sweep, parallel),
+            scheduler=_scheduler(sweep, exp),
+        ),
+    )
 
 
 def _rows(grid: Any, sweep: SweepConfig, exp: Experiment, uri: str, parent: str) -> list[TrialRow]:
