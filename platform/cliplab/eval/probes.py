@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,29 +94,3 @@ def misalignment_probe(
         "probe/n_crops": float(len(points)),
         "points": points,
     }
-
-
-def calibration_plot(points: np.ndarray, path: Path, title: str) -> Path:
-    """Mean +- std of the distance per crop scale, and per removed-object share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, col, label in (
-        (axes[0], 1, "misalignment 1 - crop area (augmentation)"),
-        (axes[1], 2, "share of caption objects removed (ground truth)"),
-    ):
-        keep = ~np.isnan(points[:, col])
-        xs = np.unique(np.round(points[keep, col], 2))
-        means = [points[keep][np.round(points[keep, col], 2) == x, 0].mean() for x in xs]
-        stds = [points[keep][np.round(points[keep, col], 2) == x, 0].std() for x in xs]
-        ax.scatter(points[keep, col], points[keep, 0], s=4, alpha=0.15, color="grey")
-        ax.errorbar(xs, means, yerr=stds, marker="o", color="C0", capsize=3)
-        ax.set(xlabel=label, ylabel="image-caption distance ||z - u||^2")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

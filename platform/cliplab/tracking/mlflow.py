@@ -11,12 +11,15 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cliplab.config import Experiment
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MAX_PARAM_LEN = 6000
 MODEL_URI_TAG = "cliplab.model_uri"  # where a run's export lies (local or s3://), set by rank 0
@@ -133,6 +136,11 @@ class RunLogger:
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def figure(self, fig: Figure, artifact_file: str) -> None:
+        from cliplab.tracking.figures import log_figure  # matplotlib only where a run draws
+
+        log_figure(self.client, self.run_id, fig, artifact_file)
 
     def tags(self, values: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])

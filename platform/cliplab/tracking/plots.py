@@ -1,21 +1,18 @@
-"""PNG plots that people look at in MLflow (matplotlib, headless)."""
+"""The figures people look at in MLflow (matplotlib, headless); `RunLogger.figure` logs them."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
-from cliplab.metrics import is_headline, is_held_out
-
-__all__ = ["branch_slot_heatmap", "is_headline", "loss_curves"]  # is_headline: the train loop's import
+from cliplab.metrics import is_held_out
 
 
-def loss_curves(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+def loss_curves(series: dict[str, list[tuple[int, float]]], title: str) -> Figure:
     """One line per metric (step on x); eval metrics on a second panel if present."""
     train = {k: v for k, v in series.items() if v and not is_held_out(k)}
     evals = {k: v for k, v in series.items() if v and is_held_out(k)}
@@ -37,12 +34,10 @@ def loss_curves(series: dict[str, list[tuple[int, float]]], path: Path, title: s
         )
         axes[0][1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def branch_slot_heatmap(metrics: dict[str, float], slots: list[str], branches: int, path: Path, title: str) -> Path:
+def branch_slot_heatmap(metrics: dict[str, float], slots: list[str], branches: int, title: str) -> Figure:
     """Which branch retrieves which caption slot: R@1 (image->text and text->image) per branch x slot."""
     fig, axes = plt.subplots(1, 2, figsize=(2 + 1.3 * len(slots) * 2, 1.5 + 0.5 * branches), squeeze=False)
     for ax, direction in zip(axes[0], ("i2t", "t2i"), strict=True):
@@ -61,6 +56,23 @@ def branch_slot_heatmap(metrics: dict[str, float], slots: list[str], branches: i
             ax.text(c, m, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def calibration_plot(points: np.ndarray, title: str) -> Figure:
+    """Mean +- std of the distance per crop scale, and per removed-object share."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, col, label in (
+        (axes[0], 1, "misalignment 1 - crop area (augmentation)"),
+        (axes[1], 2, "share of caption objects removed (ground truth)"),
+    ):
+        keep = ~np.isnan(points[:, col])
+        xs = np.unique(np.round(points[keep, col], 2))
+        means = [points[keep][np.round(points[keep, col], 2) == x, 0].mean() for x in xs]
+        stds = [points[keep][np.round(points[keep, col], 2) == x, 0].std() for x in xs]
+        ax.scatter(points[keep, col], points[keep, 0], s=4, alpha=0.15, color="grey")
+        ax.errorbar(xs, means, yerr=stds, marker="o", color="C0", capsize=3)
+        ax.set(xlabel=label, ylabel="image-caption distance ||z - u||^2")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -24,12 +24,13 @@ from cliplab import storage
 from cliplab.config import Experiment
 from cliplab.data.pipeline import StreamPosition, make_train_loader
 from cliplab.data.tokenize import build_tokenizer
-from cliplab.eval.probes import calibration_plot, misalignment_probe
+from cliplab.eval.probes import misalignment_probe
 from cliplab.eval.runner import evaluate_experiment
+from cliplab.metrics import is_headline
 from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger
-from cliplab.tracking.plots import branch_slot_heatmap, is_headline
+from cliplab.tracking.plots import branch_slot_heatmap, calibration_plot
 from cliplab.train import checkpoint
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict
 from cliplab.train.throughput import Meter, device_peak_flops, training_flops_per_sample
@@ -221,15 +222,9 @@ def _evaluate(
     try:
         metrics = evaluate_experiment(encoders, exp, pre, tokenizer, device, rank, world)
         if tracker and exp.model.branches and captions:
-            with tempfile.TemporaryDirectory() as tmp:
-                png = branch_slot_heatmap(
-                    metrics,
-                    captions.slots,
-                    exp.model.branches.count,
-                    Path(tmp) / f"branch_retrieval_step{step:08d}.png",
-                    f"{exp.name} step {step}: per-branch R@1 by caption slot",
-                )
-                tracker.artifact(png, "plots")
+            title = f"{exp.name} step {step}: per-branch R@1 by caption slot"
+            fig = branch_slot_heatmap(metrics, captions.slots, exp.model.branches.count, title)
+            tracker.figure(fig, f"plots/branch_retrieval_step{step:08d}.png")
         if exp.eval.misalignment_probe:
             probe = misalignment_probe(
                 encoders,
@@ -247,13 +242,8 @@ def _evaluate(
             points = probe.pop("points")
             metrics.update(probe)
             if tracker:
-                with tempfile.TemporaryDirectory() as tmp:
-                    png = calibration_plot(
-                        points,
-                        Path(tmp) / f"misalignment_step{step:08d}.png",
-                        f"{exp.name} ({exp.objective.name}) step {step}",
-                    )
-                    tracker.artifact(png, "plots")
+                fig = calibration_plot(points, f"{exp.name} ({exp.objective.name}) step {step}")
+                tracker.figure(fig, f"plots/misalignment_step{step:08d}.png")
         return metrics
     finally:
         engine.train()
