@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from cliplab.cluster.submit import SHIPPED_ENV, runtime_env
+from cliplab.cluster.submit import runtime_env
+from cliplab.runtime import FORWARDED_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def shell(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in SHIPPED_ENV:  # other tests' fixtures (the S3 endpoint) may have set some
+    for key in FORWARDED_ENV:  # other tests' fixtures (the S3 endpoint) may have set some
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")

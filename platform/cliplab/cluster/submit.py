@@ -23,6 +23,7 @@ from typing import Any
 
 from cliplab.cluster.repo import find_repo
 from cliplab.errors import CliplabError, ConfigError
+from cliplab.runtime import forwarded_env
 
 ENTRYPOINTS = {
     "train": "jobs/train.py",
@@ -30,14 +31,6 @@ ENTRYPOINTS = {
     "evaluate": "jobs/evaluate.py",
     "select": "jobs/select.py",
 }
-SHIPPED_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-)
 EXCLUDES = [".git", ".venv", "**/__pycache__", "cliplab-demo", "mlruns", "mlartifacts", "*.db"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -84,7 +77,7 @@ def entrypoint(root: Path, kind: str, config: str, overrides: list[str], extra: 
 def runtime_env(root: Path, env: list[str], local_endpoints: bool = True) -> dict[str, Any]:
     """working_dir and the cliplab package, endpoints from this shell (unless the cluster's own are wanted: a
     port-forwarded http://127.0.0.1:5000 means nothing inside the cluster), the user's explicit `--env K=V`."""
-    env_vars = {k: os.environ[k] for k in SHIPPED_ENV if os.environ.get(k)} if local_endpoints else {}
+    env_vars = forwarded_env() if local_endpoints else {}
     for pair in env:
         if "=" not in pair:
             raise ConfigError(f"--env {pair!r}: expected NAME=VALUE")

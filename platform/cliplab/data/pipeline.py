@@ -37,7 +37,7 @@ from cliplab.data.augment import eval_view, misaligned_view, train_view
 from cliplab.data.captions import caption_slots, tokenize_slots
 from cliplab.data.shards import expand_urls, open_shard
 from cliplab.errors import DataError, StorageError
-from cliplab.train.lifecycle import LoaderWorkerInit
+from cliplab.data.loader_workers import LoaderWorkerInit
 
 log = logging.getLogger("cliplab.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")

@@ -9,7 +9,6 @@ when the experiment trains on GPUs), so on a cluster it lands on a worker node r
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -18,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import Experiment
 from cliplab.errors import ConfigError
+from cliplab.runtime import forwarded_env
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
-from cliplab.train.trainer import FORWARDED_ENV
 
 log = logging.getLogger("cliplab.evaluate")
 
@@ -63,7 +62,7 @@ def evaluate_export(exp: Experiment, export_dir: str, source_run: str | None = N
     task = ray.remote(evaluate_export_here).options(
         num_cpus=s.cpus_per_worker,
         num_gpus=s.gpus_per_worker if s.use_gpu else 0,
-        runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}},
+        runtime_env={"env_vars": forwarded_env()},
     )
     uri = resolve_tracking_uri(exp)
     run_id = create_run(

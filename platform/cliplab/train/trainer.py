@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -28,23 +27,15 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cliplab import storage as stores
 from cliplab.config import Experiment, dump_yaml
 from cliplab.errors import CliplabError, StorageError
+from cliplab.metrics import is_headline
+from cliplab.runtime import forwarded_env
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
-from cliplab.tracking.plots import is_headline, loss_curves
+from cliplab.tracking.plots import loss_curves
 from cliplab.tracking.registry import register_export
 from cliplab.train.loop import train_loop_per_worker
 
 log = logging.getLogger("cliplab.trainer")
 
-# Endpoints and settings only: a runtime env is shown in Ray's dashboard and job API, so credentials
-# reach workers through their own environment (inherited by a local Ray, a Kubernetes Secret on KubeRay).
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "TORCH_EXTENSIONS_DIR",
-)
 RUN_FILE = "cliplab_run.json"
 SUMMARY_KEYS = ("loss", "samples_per_s", "data_wait_frac", "data/skipped_samples", "logit_scale")
 
@@ -132,10 +123,11 @@ def build_trainer(
     """The TorchTrainer for this experiment (shared by `cliplab train` and sweep trials)."""
     s = exp.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = forwarded_env()
     # DeepSpeed JIT-builds its ops into TORCH_EXTENSIONS_DIR; Ray workers and the driver build them with
     # different flags, so sharing one cache makes each side rebuild (~40 s) after the other ran.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / "cliplab-ray-workers"))
+    default_ops = Path.home() / ".cache" / "torch_extensions" / "cliplab-ray-workers"
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(default_ops)
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     path, filesystem = stores.ray_storage(storage, stores.RetryPolicy(outage_budget_s=exp.storage.outage_budget_s))
@@ -236,12 +228,8 @@ def finish_run(
         version = register_export(tracker.client.tracking_uri, tracker.run_id, export, name)
         log.info("registered %s as MLflow model %s version %d", export, name, version)
     curves = [k for k in metrics if k == "loss" or k.startswith("loss_") or is_headline(k)]
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "config.yaml"
-        cfg.write_text(dump_yaml(exp))
-        tracker.artifact(cfg)
-        png = loss_curves({k: tracker.history(k) for k in curves}, Path(tmp) / "loss_curve.png", run_name)
-        tracker.artifact(png, "plots")
+    tracker.client.log_text(tracker.run_id, dump_yaml(exp), "config.yaml")
+    tracker.figure(loss_curves({k: tracker.history(k) for k in curves}, run_name), "plots/loss_curve.png")
     tracker.finish(status)
 
 
