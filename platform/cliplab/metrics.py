@@ -52,3 +52,10 @@ def is_slot_r1(metric: str) -> bool:
 def compare_keys(have: set[str]) -> list[str]:
     """The comparison table's rows among `have`: COMPARE_HEADLINE in order, then R@1 per caption slot."""
     return [k for k in COMPARE_HEADLINE if k in have] + sorted(k for k in have if is_slot_r1(k))
+
+
+def in_summary(metric: str) -> bool:
+    """Held-out metrics for the end-of-run summary: top-level ones, only R@1 per caption slot, no per-branch ones."""
+    if metric.startswith("retrieval/"):
+        return metric.count("/") == 1 or metric.endswith("_R1")
+    return metric.startswith(("zeroshot/", "chance/", "probe/")) and not metric.endswith(("/n", "/n_excluded"))

@@ -35,9 +35,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from cliplab.config import CaptionsConfig, DataConfig
 from cliplab.data.augment import eval_view, misaligned_view, train_view
 from cliplab.data.captions import caption_slots, tokenize_slots
+from cliplab.data.loader_workers import LoaderWorkerInit
 from cliplab.data.shards import expand_urls, open_shard
 from cliplab.errors import DataError, StorageError
-from cliplab.data.loader_workers import LoaderWorkerInit
 
 log = logging.getLogger("cliplab.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")

@@ -27,7 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cliplab import storage as stores
 from cliplab.config import Experiment, dump_yaml
 from cliplab.errors import CliplabError, StorageError
-from cliplab.metrics import is_headline
+from cliplab.metrics import in_summary, is_headline
 from cliplab.runtime import forwarded_env
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
 from cliplab.tracking.plots import loss_curves
@@ -233,18 +233,11 @@ def finish_run(
     tracker.finish(status)
 
 
-def _in_summary(metric: str) -> bool:
-    """Held-out metrics for the summary: all top-level ones, only R@1 per caption slot, no per-branch ones."""
-    if metric.startswith("retrieval/"):
-        return metric.count("/") == 1 or metric.endswith("_R1")
-    return metric.startswith(("zeroshot/", "chance/", "probe/")) and not metric.endswith(("/n", "/n_excluded"))
-
-
 def summary_table(outcome: TrainOutcome) -> str:
     """A short plain-text table of the final metrics a person checks first."""
     m = outcome.metrics
     keys = [k for k in SUMMARY_KEYS if k in m]
-    keys += sorted(k for k in m if _in_summary(k))
+    keys += sorted(k for k in m if in_summary(k))
     width = max(len(k) for k in keys) if keys else 10
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
     lines += [f"{k.ljust(width)}  {m[k]:.4g}" for k in keys]
