@@ -16,12 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cliplab.data.synth import SynthSpec, write_synthscenes
+from tiny_models import tiny_model
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
+TINY = tiny_model()
 
 
 def cliplab(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ import yaml
 
 from cliplab.config import dump_yaml, load_experiment
 from cliplab.errors import ConfigError
+from tiny_models import tiny_model
 
 CONFIGS = sorted(
     p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("sweep_")
@@ -124,11 +125,7 @@ def test_a_missing_config_and_a_directory_get_different_messages(tmp_path: Path)
         load_experiment(tmp_path)
 
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY = tiny_model(embed=32, image=32, width=64, text_width=32)
 
 
 def test_inline_model_config_is_checked_against_open_clip_before_any_worker() -> None:

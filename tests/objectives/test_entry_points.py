@@ -17,13 +17,10 @@ from cliplab.models.factory import build_model
 from cliplab.objectives import registry
 from cliplab.objectives.registry import ObjectiveSpec, build_objective, get_spec
 from cliplab.train.engine import build_engine, contrastive_step
+from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
+TINY = tiny_model(context=8)
 SCRATCH = '''
 """A third-party objective: CLIP's loss times a weight, refusing ZeRO-3 (to show a cross-field rule)."""
 

@@ -12,12 +12,9 @@ from cliplab.config import ModelConfig
 from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.models.factory import CHECKPOINT_FILE, MODEL_FILE, build_model
 from tarfaults import with_garbage_jpg
+from tiny_models import tiny_model
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY = tiny_model(image=32, text_width=32)
 SPEC = SynthSpec(num_samples=30, samples_per_shard=10, image_size=32, noisy_fraction=0.3, seed=3)
 
 

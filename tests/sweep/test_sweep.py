@@ -22,13 +22,10 @@ from cliplab.sweep.config import load_sweep
 from cliplab.sweep.runner import run_sweep
 from cliplab.tracking.mlflow import params_of
 from fixtures_services import assert_no_secret_leaked
+from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_MODEL = tiny_model(embed=32, image=32, width=64, text_width=32)
 
 
 @pytest.fixture(scope="module")

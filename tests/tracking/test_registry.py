@@ -20,12 +20,9 @@ from cliplab.models.factory import build_model
 from cliplab.tracking.mlflow import EXPERIMENT_KIND, create_run, ui_hint
 from cliplab.tracking.registry import register_export, using_tracking_uri
 from cliplab.train.checkpoint import export_open_clip
+from tiny_models import tiny_model
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
+TINY = tiny_model(context=8)
 
 
 def experiment(experiment_name: str = "reg"):

@@ -12,12 +12,9 @@ from cliplab.config import validate_tree
 from cliplab.models.factory import build_model
 from cliplab.objectives.clip import ClipObjective
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict, lr_lambda
+from tiny_models import tiny_model
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
+TINY = tiny_model(context=8)
 
 
 def exp_with(**train):

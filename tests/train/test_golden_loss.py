@@ -22,14 +22,11 @@ from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
 from cliplab.objectives import build_objective
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step
+from tiny_models import tiny_model
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "loss_curves.json"
 STEPS = 6
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
+TINY = tiny_model()
 OBJECTIVES = {
     "clip": ({"name": "clip"}, {}),
     "mcd": ({"name": "mcd"}, {"views": {"count": 2, "crop_scale": [0.3, 1.0]}}),

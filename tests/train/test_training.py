@@ -23,14 +23,11 @@ from cliplab.tracking.registry import using_tracking_uri
 from cliplab.train.trainer import run_training
 from fixtures_services import assert_no_secret_leaked
 from tarfaults import cut_inside_member, with_garbage_jpg
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.slow
 
-TINY_MODEL = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_MODEL = tiny_model(embed=32, image=32, width=64, text_width=32)
 
 
 @pytest.fixture(scope="module")
