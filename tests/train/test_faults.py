@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,17 +19,15 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import dump_yaml, validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.train import checkpoint
 from cliplab.train.trainer import TrainingFailed, run_training
 from processes import train_workers
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "faults"
-TINY_MODEL = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
-}
+TINY_MODEL = tiny_model(image=32, patch=16, heads=1)
 RECOVERY_BOUND_S = 420  # correctness bound (well inside pytest-timeout), not a speed target
 
 
@@ -282,3 +281,5 @@ def test_kill_during_checkpoint_upload_resumes_from_the_previous_complete_one(
     resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
     assert resumed == [6], "the half-written step-12 checkpoint was never registered"
     assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, 19)), "each step once"
+    left = list(Path(tempfile.gettempdir()).glob(f"{checkpoint.TEMP_PREFIX}{victim.pid}-*"))
+    assert left == [], "the killed worker's temp checkpoint is removed by the next save"

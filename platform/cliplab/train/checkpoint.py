@@ -10,6 +10,7 @@ checkpoint is complete. The data position makes a resumed run continue the data 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,13 +24,15 @@ from cliplab.config import Experiment
 from cliplab.models.factory import CHECKPOINT_FILE, MODEL_FILE
 
 DS_DIR = "ds"
+TEMP_PREFIX = "cliplab-ckpt-"
 
 
 def save(
     engine: deepspeed.DeepSpeedEngine, step: int, data_state: dict[str, Any], rank: int, objective_state: dict[str, Any]
 ) -> Path:
     """Write this rank's part of the step checkpoint into a fresh temp dir (collective)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"cliplab-ckpt-{step}-"))
+    remove_orphans()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{step}-"))
     engine.save_checkpoint(str(tmp / DS_DIR), tag=f"step{step:08d}", client_state={"step": step})
     (tmp / f"data_rank{rank}.json").write_text(json.dumps({"step": step, "data": data_state}))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -63,6 +66,28 @@ def restore(
 
 def discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_orphans(root: Path | None = None) -> list[Path]:
+    """Delete temp checkpoint dirs left by dead workers (a worker killed mid-save cannot clean up; each holds a
+    rank's full optimizer shard); returns what was removed. A dir's owner is the PID in its name."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*-*"):
+        pid = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def export_open_clip(state: dict[str, torch.Tensor], exp: Experiment, out_dir: Path) -> dict[str, Path]:
