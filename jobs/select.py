@@ -7,7 +7,6 @@ pass from the shards already embedded under its output folder.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,16 +15,7 @@ from pathlib import Path
 sys.path.remove(str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cliplab.cli import main
-
-
-def run(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-    return main(["select", args.config, *(f"--set={o}" for o in args.overrides)])
-
+from cliplab.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(job_main("select"))

@@ -6,7 +6,6 @@ exits non-zero with the reason on stderr when the sweep cannot run or no trial f
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,18 +14,7 @@ from pathlib import Path
 sys.path.remove(str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cliplab.cli import main
-
-
-def run(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--resume")
-    args = p.parse_args(argv)
-    cli = ["sweep", args.config, *(f"--set={o}" for o in args.overrides)]
-    return main(cli + (["--resume", args.resume] if args.resume else []))
-
+from cliplab.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(job_main("sweep"))

@@ -30,3 +30,15 @@ def test_entrypoint_runs_and_shadows_no_stdlib_module(script: str) -> None:
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cliplab: error: no-such.yaml: no such" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_entrypoint_passes_the_subcommand_flags_through() -> None:
+    """`--set` reaches cliplab's own config validation (refused before Ray, naming the field)."""
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", "configs/demo.yaml", "--set", "optim.lr=fast"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr, proc.stderr[-2000:]

@@ -8,19 +8,13 @@ import json
 import logging
 import sys
 
+from cliplab.cli_args import add_overrides
 from cliplab.errors import CliplabError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (shipped ones: cliplab config list)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted field, e.g. --set optim.lr=1e-4 (repeatable)",
-    )
+    add_overrides(p, "override a dotted field, e.g. --set optim.lr=1e-4 (repeatable)")
 
 
 def _embedded_args(p: argparse.ArgumentParser) -> None:
@@ -251,14 +245,7 @@ def parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of experiment fields, each trial a full training job")
     sw.add_argument("config", help="sweep YAML (see configs/sweep_*.yaml)")
-    sw.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the base experiment (not a swept one; repeatable)",
-    )
+    add_overrides(sw, "override a field of the base experiment (not a swept one; repeatable)")
     sw.add_argument("--resume", metavar="SWEEP_NAME", help="resume this interrupted sweep")
     _embedded_args(sw)
     sw.set_defaults(func=cmd_sweep)
@@ -323,14 +310,7 @@ def parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="same-budget runs of several configs as sibling MLflow runs")
     cmp.add_argument("configs", nargs="+", help="experiment YAMLs reading the same training shards")
-    cmp.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override applied to every config (repeatable)",
-    )
+    add_overrides(cmp, "override applied to every config (repeatable)")
     _embedded_args(cmp)
     cmp.set_defaults(func=cmd_compare)
 
@@ -370,6 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     except CliplabError as exc:
         print(f"cliplab: error: {exc}", file=sys.stderr)
         return 2
+
+
+def job_main(kind: str, argv: list[str] | None = None) -> int:
+    """What `jobs/<kind>.py` runs under `ray job submit`: `cliplab <kind>` with the config given as `--config FILE`;
+    every other flag (`--set`, `--resume`, `--model`, `--run`, `--help`) passes through to that subcommand."""
+    p = argparse.ArgumentParser(prog=f"jobs/{kind}.py", add_help=False)
+    p.add_argument("--config", required=True)
+    args, rest = p.parse_known_args(argv)
+    return main([kind, args.config, *rest])
 
 
 if __name__ == "__main__":

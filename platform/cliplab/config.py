@@ -335,7 +335,8 @@ def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, label: str) -
     node[parts[-1]] = value
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """One config file as a mapping, refusing a missing file, a folder, invalid YAML or a non-mapping."""
     check_config_file(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -354,7 +355,7 @@ def read_tree(path: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     section included). Bases may have bases; a file reached twice along the chain is a cycle and refused.
     """
     path = Path(path)
-    tree = _read_yaml(path)
+    tree = read_yaml(path)
     if "base" not in tree:
         return tree
     here = path.resolve()

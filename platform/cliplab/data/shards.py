@@ -48,6 +48,20 @@ def open_shard(url: str) -> IO[bytes]:
         raise DataError(f"shard {url}: no such object") from None
 
 
+def shard_stats(count: int, started: float) -> bytes:
+    """img2dataset's `_stats.json` for a shard of `count` samples written since `started` (all successes)."""
+    stats = {
+        "count": count,
+        "successes": count,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "start_time": started,
+        "end_time": time.time(),
+        "status_dict": {"success": count},
+    }
+    return json.dumps(stats).encode()
+
+
 def write_shards(prefix: str, samples: Iterable[dict[str, Any]], samples_per_shard: int) -> list[str]:
     """Write samples as `{prefix}/00000.tar, ...` with img2dataset's `_stats.json` beside each shard."""
     fs, root = filesystem(prefix)
@@ -67,16 +81,7 @@ def write_shards(prefix: str, samples: Iterable[dict[str, Any]], samples_per_sha
         name = f"{len(urls):05d}"
         url = f"{prefix.rstrip('/')}/{name}.tar"
         fs.pipe_file(f"{root.rstrip('/')}/{name}.tar", buffer.getvalue())
-        stats = {
-            "count": count,
-            "successes": count,
-            "failed_to_download": 0,
-            "failed_to_resize": 0,
-            "start_time": started,
-            "end_time": time.time(),
-            "status_dict": {"success": count},
-        }
-        fs.pipe_file(f"{root.rstrip('/')}/{name}_stats.json", json.dumps(stats).encode())
+        fs.pipe_file(f"{root.rstrip('/')}/{name}_stats.json", shard_stats(count, started))
         urls.append(url)
         buffer, count, started = io.BytesIO(), 0, time.time()
         writer = wds.TarWriter(buffer)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cliplab.cli_args import add_overrides
+
 
 def cmd_select(args: argparse.Namespace) -> int:
     from cliplab.errors import ConfigError
@@ -38,14 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `select` on cliplab's subcommands."""
     p = sub.add_parser("select", help="score a pool with a frozen teacher CLIP and write the selected uid subset")
     p.add_argument("config", nargs="?", help="selection YAML (see docs/data-selection.md)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted field, e.g. --set scores.negclip.batch_size=4096 (repeatable)",
-    )
+    add_overrides(p, "override a dotted field, e.g. --set scores.negclip.batch_size=4096 (repeatable)")
     p.add_argument("--validate", action="store_true", help="validate and print the resolved config, run nothing")
     p.add_argument("--schema", action="store_true", help="print the JSON schema of the selection config")
     p.set_defaults(func=cmd_select)

@@ -10,10 +10,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cliplab.config import Strict, _describe, apply_overrides, check_tree
+from cliplab.config import Strict, _describe, apply_overrides, check_tree, read_yaml
 from cliplab.data.shards import expand_urls
 from cliplab.errors import ConfigError, DataError
 from cliplab.select.recipes import Step
@@ -198,14 +197,6 @@ def validate_selection(tree: Any, source: str = "<config>") -> SelectConfig:
 def load_selection(path: str | Path, overrides: list[str] | None = None) -> SelectConfig:
     """Read a selection YAML, apply `--set` overrides, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = apply_overrides(tree, overrides or [])
+    tree = apply_overrides(read_yaml(path), overrides or [])
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return validate_selection(tree, source)

@@ -14,7 +14,6 @@ its uid, source shard and source key. The folder's earlier shards are replaced: 
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import ray
 import webdataset as wds
 
 from cliplab.data.pipeline import read_shard
-from cliplab.data.shards import filesystem
+from cliplab.data.shards import filesystem, shard_stats
 from cliplab.errors import DataError
 from cliplab.select import uids as U
 
@@ -85,18 +84,8 @@ def write_one(index: int, segments: list[Segment], prefix: str) -> dict[str, Any
     fs, root = filesystem(prefix)
     name = f"{root.rstrip('/')}/{index:05d}"
     fs.pipe_file(f"{name}.tar", buf.getvalue())
-    n = len(manifest)
-    stats = {
-        "count": n,
-        "successes": n,
-        "failed_to_download": 0,
-        "failed_to_resize": 0,
-        "start_time": started,
-        "end_time": time.time(),
-        "status_dict": {"success": n},
-    }
-    fs.pipe_file(f"{name}_stats.json", json.dumps(stats).encode())
-    return {"samples": n, "manifest": manifest}
+    fs.pipe_file(f"{name}_stats.json", shard_stats(len(manifest), started))
+    return {"samples": len(manifest), "manifest": manifest}
 
 
 def reshard(
