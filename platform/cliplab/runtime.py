@@ -13,6 +13,7 @@ from cliplab.errors import ConfigError
 from cliplab.resources import worker_resources
 
 log = logging.getLogger("cliplab.runtime")
+DASHBOARD_VAR = "CLIPLAB_RAY_DASHBOARD"  # the local Ray's dashboard costs seconds of start-up; off unless asked
 
 # What a driver hands its Ray workers and `cliplab submit` its job: endpoints and settings, never credentials
 # (a runtime env is written to Ray's logs and shown by its dashboard and job API); credentials reach workers
@@ -40,11 +41,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    log.info("starting a local Ray instance on 127.0.0.1")
-    start_local_ray(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=True)
+    dashboard = os.environ.get(DASHBOARD_VAR, "") not in ("", "0")
+    log.info(
+        "starting a local Ray instance on 127.0.0.1 (%s; RAY_ADDRESS=auto reuses a running `ray start --head`)",
+        "with its dashboard" if dashboard else f"no dashboard: {DASHBOARD_VAR}=1 starts one",
+    )
+    context = start_local_ray(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, log_to_driver=True)
+    if dashboard and context.dashboard_url:
+        log.info("Ray dashboard: http://%s", context.dashboard_url)
 
 
-def start_local_ray(**init_kwargs: Any) -> None:
+def start_local_ray(**init_kwargs: Any) -> Any:
     """Start a local Ray whose GCS, raylet, agents and workers listen on 127.0.0.1 only (token auth as configured).
 
     Ray turns a node address of 127.0.0.1 into the machine's IP (then every server listens on all interfaces)
@@ -56,7 +63,7 @@ def start_local_ray(**init_kwargs: Any) -> None:
     cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+        return ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 

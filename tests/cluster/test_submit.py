@@ -99,12 +99,16 @@ def ray_head(s3_server, tmp_path_factory):
         assert proc.returncode == 0, out
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120
+        bearer = {"Authorization": f"Bearer {token.read_text()}"}
+        probe = urllib.request.Request(f"{address}/api/version", headers=bearer)
         while time.monotonic() < deadline:  # the job API answers once the dashboard's job module is up
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                urllib.request.urlopen(probe, timeout=2)
                 break
-            except OSError:
+            except OSError:  # refused, or (HTTPError) not ready; a 401 would mean the probe lost its token
                 time.sleep(1)
+        else:
+            raise AssertionError(f"the job API at {address} did not answer within 120 s")
         yield address, {**env, "RAY_ADDRESS": address}
     finally:
         _stop(proc.pid)  # also after a failed start: whatever it left running goes
