@@ -326,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="select: close the loop: train the demo recipe this many steps on each of the negCLIPLoss, CLIPScore "
         "and random 50%% subsets (equal size) and compare them held out; 0 skips it (default: 120 steps a run, "
-        "about 10 minutes for the three on 2 CPU cores)",
+        "about 13 minutes for the three on 2 CPU cores)",
     )
     d.set_defaults(func=cmd_demo)
 

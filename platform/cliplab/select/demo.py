@@ -37,7 +37,7 @@ log = logging.getLogger("cliplab.demo")
 BUCKET = "cliplab-demo"
 POOL_SEED, TARGET_SEED = 1, 2
 SAMPLES_PER_SHARD = 1000
-LOOP_STEPS = 120  # per closed-loop run: half the teacher's 240, about 3 minutes a run on 2 CPU cores
+LOOP_STEPS = 120  # per closed-loop run: half the teacher's 240; about 4 minutes a run on 2 CPU cores
 LOOP_EXPERIMENT = "cliplab-demo-closed-loop"
 
 
