@@ -74,6 +74,9 @@ def test_demo_select_is_a_demo_subcommand(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(cliplab.demo, "run_demo", lambda **kw: calls.setdefault("train", kw))
     assert main(["demo", "select", "--pool-samples", "50", "--steps", "3", "--repeats", "2"]) == 0
     assert calls["select"]["pool_samples"] == 50 and calls["select"]["steps"] == 3 and calls["select"]["repeats"] == 2
+    assert calls["select"]["train_steps"] is None  # run_select_demo's LOOP_STEPS
+    calls.clear()
+    assert main(["demo", "select", "--train-steps", "0"]) == 0 and calls["select"]["train_steps"] == 0
     assert main(["demo", "--steps", "3"]) == 0 and calls["train"]["steps"] == 3
 
 
@@ -84,7 +87,7 @@ def test_demo_select_smoke(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(ROOT / "platform")
     cmd = [sys.executable, "-m", "cliplab.cli", "demo", "select", "--workdir", str(tmp_path / "w")]
     cmd += ["--steps", "2", "--train-samples", "200", "--pool-samples", "100", "--target-samples", "20"]
-    cmd += ["--negclip-batch", "16", "--repeats", "2"]
+    cmd += ["--negclip-batch", "16", "--repeats", "2", "--train-steps", "0"]  # the closed loop: test_closeloop.py
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout[proc.stdout.index("method ") :].splitlines()
@@ -97,6 +100,7 @@ def test_demo_select_smoke(tmp_path: Path) -> None:
         ("negclip+normsim_inf", "0.500"),
     ]
     assert [r[1] for r in rows[4:]] == ["0.700"] * 4 and lines[9].startswith("pool: ")
+    assert "closed loop" not in proc.stdout
 
     from mlflow.tracking import MlflowClient
 

@@ -97,15 +97,20 @@ def params_of(exp: Experiment) -> dict[str, str]:
 
 
 def create_run(
-    exp: Experiment, uri: str, run_name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+    exp: Experiment,
+    uri: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
 ) -> str:
-    """Create the job's run with params and tags; returns its id (passed to the workers)."""
+    """Create the job's run with params (the config's, then `params`) and tags; returns its id (for the workers)."""
     client = MlflowClient(uri)
     all_tags = run_tags(exp, tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(client, exp, uri), run_name=run_name, tags=all_tags)
-    params = [Param(k, v) for k, v in params_of(exp).items()]
+    params = [Param(k, v) for k, v in (params_of(exp) | (params or {})).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     return run.info.run_id

@@ -72,8 +72,17 @@ def _run_file(storage: str, run_name: str) -> str:
     return f"{storage.rstrip('/')}/{run_name}/{RUN_FILE}"
 
 
-def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: bool, parent: str | None) -> str:
-    """The run's MLflow id: created now, or read back from the run's storage when resuming."""
+def _mlflow_run(
+    exp: Experiment,
+    uri: str,
+    storage: str,
+    run_name: str,
+    resume: bool,
+    parent: str | None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> str:
+    """The run's MLflow id: created now (with the extra tags and params), or read back from storage when resuming."""
     url = _run_file(storage, run_name)
     fs, path = stores.filesystem(url)
     if resume:
@@ -82,7 +91,9 @@ def _mlflow_run(exp: Experiment, uri: str, storage: str, run_name: str, resume: 
         run_id = json.loads(stores.retrying(lambda: fs.cat_file(path), "reading", url))["mlflow_run_id"]
         MlflowClient(uri).update_run(run_id, status="RUNNING")  # it was KILLED or FAILED
         return run_id
-    run_id = create_run(exp, uri, run_name, parent_run_id=parent, tags={"ray.run_name": run_name})
+    run_id = create_run(
+        exp, uri, run_name, parent_run_id=parent, tags={"ray.run_name": run_name, **(tags or {})}, params=params
+    )
     body = json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}).encode()
     try:
         stores.retrying(lambda: fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True), "creating", url)
@@ -154,12 +165,21 @@ def build_trainer(
     )
 
 
-def run_training(exp: Experiment, resume: str | None = None, parent_run_id: str | None = None) -> TrainOutcome:
-    """Run (or resume) a training job to the end; raises TrainingFailed with the worker's error."""
+def run_training(
+    exp: Experiment,
+    resume: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> TrainOutcome:
+    """Run (or resume) a training job to the end; raises TrainingFailed with the worker's error.
+
+    `tags` and `params` are added to a new run's MLflow tags and params (a resumed run keeps its own).
+    """
     stores.configure(exp.storage.outage_budget_s)
     storage, uri = storage_root(exp), resolve_tracking_uri(exp)
     run_name = resume or exp.tracking.run_name or new_run_name(exp)
-    run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id)
+    run_id = _mlflow_run(exp, uri, storage, run_name, resume is not None, parent_run_id, tags, params)
     log.info("run %s: storage %s/%s, MLflow run %s at %s", run_name, storage, run_name, run_id, uri)
     tracker = RunLogger(uri, run_id)
     trainer = build_trainer(exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage)
