@@ -21,19 +21,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel_env(tmp_path_factory) -> Path:
+def context_wheel(tmp_path_factory) -> Path:
+    """The wheel built from a copy of the Docker build context (a build in the checkout would leave a
+    platform/cliplab.egg-info there, whose metadata then shadows the installed cliplab's)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    context = tmp / "app"
+    context.mkdir()
+    _docker_context(context)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, ROOT],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, context],
         check=True,
         cwd=tmp,
     )
-    wheel = next(tmp.glob("cliplab-*.whl"))
-    env = tmp / "venv"
+    assert (context / "platform" / "cliplab" / "configs").is_symlink()
+    return next(tmp.glob("cliplab-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def wheel_env(context_wheel: Path, tmp_path_factory) -> Path:
+    env = tmp_path_factory.mktemp("venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", env], check=True)
     site = next((env / "lib").glob("python3.*/site-packages"))
     (site / "_cliplab_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([env / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True)
+    subprocess.run([env / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", context_wheel], check=True)
     return env
 
 
@@ -82,8 +92,10 @@ def test_wheel_install_runs_outside_the_checkout(wheel_env: Path, tmp_path: Path
 
 
 def _docker_context(dest: Path) -> None:
-    """Copy what the Dockerfile's COPY lines take from the build context into `dest`, as the image lays it out."""
+    """Copy what the Dockerfile's COPY lines take from the build context into `dest`, as the image lays it out
+    (without what .dockerignore's `**/` patterns leave out at any depth)."""
     ignored = (ROOT / ".dockerignore").read_text().split()
+    anywhere = shutil.ignore_patterns(*(p.removeprefix("**/") for p in ignored if p.startswith("**/")))
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if not line.startswith("COPY "):
             continue
@@ -92,23 +104,14 @@ def _docker_context(dest: Path) -> None:
             assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
             to = dest / target / Path(source).name if target.endswith("/") else dest / target
             if (ROOT / source).is_dir():
-                shutil.copytree(ROOT / source, to, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(ROOT / source, to, symlinks=True, ignore=anywhere)
             else:
                 shutil.copy(ROOT / source, to)
 
 
 @pytest.mark.slow
-def test_the_docker_build_context_builds_a_wheel_with_the_configs(tmp_path: Path) -> None:
+def test_the_docker_build_context_builds_a_wheel_with_the_configs(context_wheel: Path) -> None:
     """What `docker build` runs, short of the base image: the COPY'd tree builds a wheel that ships the configs."""
-    context = tmp_path / "app"
-    context.mkdir()
-    _docker_context(context)
-    assert (context / "platform" / "cliplab" / "configs").is_symlink()
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, context],
-        check=True,
-        cwd=tmp_path,
-    )
-    names = zipfile.ZipFile(next(tmp_path.glob("cliplab-*.whl"))).namelist()
+    names = zipfile.ZipFile(context_wheel).namelist()
     assert {f"cliplab/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")} <= set(names)
     assert "cliplab/cluster/render.py" in names

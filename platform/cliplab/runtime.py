@@ -15,23 +15,6 @@ from cliplab.resources import worker_resources
 log = logging.getLogger("cliplab.runtime")
 DASHBOARD_VAR = "CLIPLAB_RAY_DASHBOARD"  # the local Ray's dashboard costs seconds of start-up; off unless asked
 
-# What a driver hands its Ray workers and `cliplab submit` its job: endpoints and settings, never credentials
-# (a runtime env is written to Ray's logs and shown by its dashboard and job API); credentials reach workers
-# through their own environment: inherited by a local Ray, a Kubernetes Secret on KubeRay.
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-)
-
-
-def forwarded_env() -> dict[str, str]:
-    """The FORWARDED_ENV variables set in this process."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to RAY_ADDRESS when set (inside `ray job submit`), else start a local Ray sized to this machine."""

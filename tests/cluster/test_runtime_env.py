@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cliplab.cluster.submit import runtime_env
-from cliplab.runtime import FORWARDED_ENV
+from cliplab.worker_env import FORWARDED_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,3 +39,10 @@ def test_the_repo_and_its_package_go_with_endpoints_but_no_credentials(shell: No
 def test_cluster_endpoints_send_only_what_env_names(shell: None) -> None:
     env = runtime_env(ROOT, ["AWS_ACCESS_KEY_ID=AKIA-explicit"], local_endpoints=False)
     assert env["env_vars"] == {"AWS_ACCESS_KEY_ID": "AKIA-explicit"}
+
+
+def test_the_submit_client_imports_no_ray_before_it_configures_auth() -> None:
+    """Ray reads RAY_AUTH_MODE when it is imported; `enable_token_auth` must run first."""
+    probe = "import sys, cliplab.cluster.submit; sys.exit('ray' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, timeout=120).returncode == 0

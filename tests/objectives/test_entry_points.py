@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 import textwrap
 import tomllib
@@ -131,3 +133,16 @@ def test_missing_builtin_entry_points_ask_for_a_reinstall(monkeypatch: pytest.Mo
 def test_unknown_objective_names_the_registered_ones() -> None:
     with pytest.raises(ConfigError, match=r"objective\.name: unknown objective 'nope'.*'clip'"):
         validate_tree(tree({"name": "nope"}))
+
+
+def test_a_stale_egg_info_first_on_the_path_is_named(tmp_path: Path) -> None:
+    """A cliplab.egg-info from an old in-tree build, earlier on sys.path than the install, hides the objectives."""
+    stale = tmp_path / "cliplab.egg-info"
+    stale.mkdir()
+    (stale / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: cliplab\nVersion: 0.0.1\n")
+    (stale / "entry_points.txt").write_text("[console_scripts]\ncliplab = cliplab.cli:main\n")
+    probe = "from cliplab.objectives.registry import get_spec; get_spec('clip')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "platform")])}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "InstallError" in proc.stderr
+    assert str(stale) in proc.stderr and "delete that folder" in proc.stderr

@@ -23,7 +23,7 @@ from typing import Any
 
 from cliplab.cluster.repo import find_repo
 from cliplab.errors import CliplabError, ConfigError
-from cliplab.runtime import forwarded_env
+from cliplab.worker_env import forwarded_env
 
 ENTRYPOINTS = {
     "train": "jobs/train.py",
@@ -31,7 +31,8 @@ ENTRYPOINTS = {
     "evaluate": "jobs/evaluate.py",
     "select": "jobs/select.py",
 }
-EXCLUDES = [".git", ".venv", "**/__pycache__", "cliplab-demo", "mlruns", "mlartifacts", "*.db"]
+# Build metadata stays home: a shipped platform/cliplab.egg-info would shadow the cluster's installed cliplab.
+EXCLUDES = [".git", ".venv", "**/__pycache__", "**/*.egg-info", "cliplab-demo", "mlruns", "mlartifacts", "*.db"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

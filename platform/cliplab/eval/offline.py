@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import Experiment
 from cliplab.errors import ConfigError
-from cliplab.runtime import forwarded_env
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
+from cliplab.worker_env import forwarded_env
 
 log = logging.getLogger("cliplab.evaluate")
 

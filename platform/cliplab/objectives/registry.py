@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, distribution, entry_points
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -94,8 +94,9 @@ def registered() -> dict[str, ObjectiveSpec]:
     found = entry_points(group=GROUP)
     if not any(ep.dist is not None and ep.dist.name == "cliplab" for ep in found):
         raise InstallError(
-            f"cliplab's own objectives are missing from the {GROUP!r} entry points of the installed "
-            "metadata (an install older than pyproject.toml); reinstall cliplab: pip install -e ."
+            f"cliplab's own objectives are missing from the {GROUP!r} entry points of the cliplab metadata "
+            f"Python finds first ({_metadata_location()}): an install older than pyproject.toml, or a stale "
+            "cliplab.egg-info earlier on sys.path; reinstall cliplab (pip install -e .) or delete that folder"
         )
     specs: dict[str, ObjectiveSpec] = {}
     for ep in found:
@@ -104,6 +105,14 @@ def registered() -> dict[str, ObjectiveSpec]:
             raise InstallError(f"entry point {ep.name} = {ep.value}: expected an ObjectiveSpec named {ep.name!r}")
         specs[ep.name] = spec
     return specs
+
+
+def _metadata_location() -> str:
+    try:
+        dist = distribution("cliplab")
+    except PackageNotFoundError:
+        return "none installed"
+    return str(getattr(dist, "_path", None) or dist.locate_file(""))
 
 
 def get_spec(name: str) -> ObjectiveSpec:

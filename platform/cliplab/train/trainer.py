@@ -28,11 +28,11 @@ from cliplab import storage as stores
 from cliplab.config import Experiment, dump_yaml
 from cliplab.errors import CliplabError, StorageError
 from cliplab.metrics import in_summary, is_headline
-from cliplab.runtime import forwarded_env
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
 from cliplab.tracking.plots import loss_curves
 from cliplab.tracking.registry import register_export
 from cliplab.train.loop import train_loop_per_worker
+from cliplab.worker_env import forwarded_env
 
 log = logging.getLogger("cliplab.trainer")
 
