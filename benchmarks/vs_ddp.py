@@ -36,10 +36,10 @@ def compare(w: Workload, pairs: int, ray_address: str) -> dict[str, list[Timing]
 
     def cliplab() -> Timing:
         cmd, env = cliplab_train(config, ray_address)
-        return timed_run(cmd, env, parse, 2 * w.batch, w.root / "cliplab-2workers.log")
+        return timed_run(cmd, env, parse, 2 * w.batch, w.log_path("cliplab-2workers"))
 
     def ddp() -> Timing:
         env = child_env(OMP_NUM_THREADS="1")
-        return timed_run(torchrun(config, "ddp", 2), env, parse, 2 * w.batch, w.root / "torchrun-ddp.log")
+        return timed_run(torchrun(config, "ddp", 2), env, parse, 2 * w.batch, w.log_path("torchrun-ddp"))
 
     return interleave({"cliplab Ray+ZeRO-2": cliplab, "torchrun DDP": ddp}, pairs)

@@ -69,14 +69,13 @@ def compare(w: Workload, pairs: int, threads: int, webdataset_dir: Path, ray_add
     ]
     base_path = child_env().get("PYTHONPATH", "")
     open_clip_env = child_env(PYTHONPATH=f"{site}:{base_path}", OMP_NUM_THREADS=str(threads))
-    counter = iter(range(10**6))
 
     def cliplab() -> Timing:
         cmd, env = cliplab_train(config, ray_address)
-        return timed_run(cmd, env, cliplab_samples(w.batch, 1), w.batch, w.root / "cliplab-1worker.log")
+        return timed_run(cmd, env, cliplab_samples(w.batch, 1), w.batch, w.log_path("cliplab-1worker"))
 
     def open_clip() -> Timing:
-        cmd = [*open_clip_cmd, "--name", f"run{next(counter)}"]
-        return timed_run(cmd, open_clip_env, _open_clip_samples, w.batch, w.root / "open_clip_train.log")
+        log = w.log_path("open_clip_train")
+        return timed_run([*open_clip_cmd, "--name", log.stem], open_clip_env, _open_clip_samples, w.batch, log)
 
     return interleave({"cliplab": cliplab, "open_clip_train": open_clip}, pairs)

@@ -76,6 +76,13 @@ class Workload:
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         return path
 
+    def log_path(self, side: str) -> Path:
+        """A new log file for one run of `side`: root/SIDE-1.log, SIDE-2.log, ... (every round's output is kept)."""
+        n = 1
+        while (self.root / f"{side}-{n}.log").exists():
+            n += 1
+        return self.root / f"{side}-{n}.log"
+
     def open_clip_model_dir(self, model: dict[str, Any]) -> Path:
         """A directory open_clip loads with `local-dir:` (config only, random weights)."""
         path = self.root / "open_clip_model"

@@ -20,6 +20,6 @@ def compare(w: Workload, pairs: int, stages: list[int]) -> dict[str, list[Timing
 
     def side(stage: int):
         config = w.cliplab_config(f"zero{stage}", LARGE_MODEL, workers=2, zero=stage, threads=1)
-        return lambda: timed_run(torchrun(config, "deepspeed", 2), env, parse, 2 * w.batch, w.root / f"zero{stage}.log")
+        return lambda: timed_run(torchrun(config, "deepspeed", 2), env, parse, 2 * w.batch, w.log_path(f"zero{stage}"))
 
     return interleave({f"ZeRO-{s}": side(s) for s in stages}, pairs)
