@@ -41,8 +41,7 @@ def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def state_tensors(module: torch.nn.Module, optimizer: Any) -> list[torch.Tensor]:
-    """The parameters this rank holds (a ZeRO-3 partition where there is one), the optimizer's own parameters
-    (ZeRO's fp32 master partitions) and its state (Adam's moments)."""
+    """This rank's parameters (its ZeRO-3 partition), the optimizer's own (fp32 master) parameters and its state."""
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
     tensors = [getattr(p, "ds_tensor", p.data) for p in module.parameters()]
     tensors += [p for group in inner.param_groups for p in group["params"]]
