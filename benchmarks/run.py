@@ -1,201 +1,229 @@
-"""Throughput benchmarks, each printed as a ratio against a baseline measured in the same process.
+"""cliplab's throughput and memory comparisons, each side run interleaved A,B,A,B... in one session.
 
-1. Training: samples/s of the cliplab step (DeepSpeed engine + contrastive step + temperature clamp)
-   next to a plain PyTorch loop (AdamW, forward, symmetric InfoNCE, backward, step) on the same model
-   and the same batches.
-2. Objectives: step time of MCD (anchor + 2 misaligned views) over the CLIP step, same backbone and batch;
-   step time of holistic CLIP (5 caption slots; multi-CLS and parallel-MLP towers) over the CLIP step on
-   the tiny ViT of configs/clip_vit_demo.yaml, same batches.
-3. Loading: samples/s of the cliplab reader streaming shards from the S3 endpoint (embedded moto on
-   127.0.0.1) next to the same shards on local disk.
+    .venv/bin/python benchmarks/run.py [--only open_clip ddp zero objectives] [--pairs 3] [--json PATH] [--smoke]
 
-    .venv/bin/python benchmarks/run.py [--steps 30] [--batch 128] [--zero 2] [--precision fp32]
+1. open_clip: `cliplab train` with 1 Ray worker against open_clip's trainer (`python -m open_clip_train.main`):
+   steady-state samples/s and start-up to the first step.
+2. ddp: `cliplab train` on Ray Train + DeepSpeed ZeRO-2 with 2 workers against `torchrun` DDP.
+3. zero: ZeRO 0/1/2/3 with 2 workers: samples/s, peak RSS and parameter + optimizer-state bytes per worker.
+4. objectives: MCD and holistic CLIP step time over the CLIP step's; the reader's samples/s over the step's.
+
+All sides read the same SynthScenes shards (written once under --workdir) with the same model, batch and fp32.
+A table row is A against B: both sides' medians and the median and spread [min-max] of the per-pair ratios
+A/B. The cliplab sides connect to one local Ray started by this process (`RAY_ADDRESS`), so their start-up
+excludes starting Ray. Every side's output is kept in --workdir.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
-import socket
 import tempfile
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import ray
 
-from cliplab.config import read_tree, validate_tree
-from cliplab.data.pipeline import make_train_loader
-from cliplab.data.synth import SynthSpec, write_synthscenes
-from cliplab.data.tokenize import build_tokenizer
-from cliplab.embedded import create_bucket, s3_env, start_s3_server
-from cliplab.models.factory import build_model
-from cliplab.objectives import build_objective
-from cliplab.objectives.clip import contrastive_loss
-from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step
+from ab import Spread, pair_ratios, spread
+from cliplab.runtime import start_local_ray
+from procs import Timing
+from workload import make_workload
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEMO = CONFIGS / "demo.yaml"
-HOLISTIC = {
-    "CLIP": CONFIGS / "clip_vit_demo.yaml",
-    "holistic Psi_CLS": CONFIGS / "holistic_cls_demo.yaml",
-    "holistic Psi_MLP": CONFIGS / "holistic_mlp_demo.yaml",
-}
+COMPARISONS = ("open_clip", "ddp", "zero", "objectives")  # objectives last: it sets torch.distributed env vars
+MIB = 2**20
+WEBDATASET_DIR = Path.home() / ".cache" / "cliplab-bench" / "webdataset-0.2.86"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class Row:
+    """One measure of side A against side B, per round, and the goal the A/B ratio is held to (if any)."""
+
+    comparison: str
+    measure: str
+    a: str
+    b: str
+    a_values: list[float]
+    b_values: list[float]
+    goal: str = ""
+
+    @property
+    def ratio(self) -> Spread:
+        return spread(pair_ratios(self.a_values, self.b_values))
 
 
-def _single_process_group() -> None:
-    os.environ.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        DS_ACCELERATOR="cpu",
+def _timing_rows(comparison: str, sides: dict[str, list[Timing]], rate_goal: str, startup_goal: str) -> list[Row]:
+    (a, ta), (b, tb) = sides.items()
+    return [
+        Row(
+            comparison, "train samples/s", a, b, [t.samples_per_s for t in ta], [t.samples_per_s for t in tb], rate_goal
+        ),
+        Row(
+            comparison,
+            "start-up to 1st step s",
+            a,
+            b,
+            [t.startup_s for t in ta],
+            [t.startup_s for t in tb],
+            startup_goal,
+        ),
+    ]
+
+
+def _worst(timings: list[Timing], key: str) -> list[float]:
+    """Per round, the largest of the workers' `key`, in MiB."""
+    return [max(r[key] for r in t.results) / MIB for t in timings]
+
+
+def _zero_rows(sides: dict[str, list[Timing]]) -> list[Row]:
+    base, *others = sides
+    rows = []
+    for name in others:
+        goal = "<= 0.60" if name == "ZeRO-3" else ""
+        rows += [
+            Row(
+                "zero",
+                "train samples/s",
+                name,
+                base,
+                [t.samples_per_s for t in sides[name]],
+                [t.samples_per_s for t in sides[base]],
+            ),
+            Row(
+                "zero",
+                "peak RSS/worker MiB",
+                name,
+                base,
+                _worst(sides[name], "peak_rss_bytes"),
+                _worst(sides[base], "peak_rss_bytes"),
+                goal,
+            ),
+            Row(
+                "zero",
+                "param+opt state/rank MiB",
+                name,
+                base,
+                _worst(sides[name], "state_bytes"),
+                _worst(sides[base], "state_bytes"),
+            ),
+        ]
+    return rows
+
+
+def _objective_rows(groups: dict[str, dict[str, list[float]]]) -> list[Row]:
+    def ms(rates: list[float]) -> list[float]:
+        return [1000 / r for r in rates]
+
+    mcd, holistic, reader = groups["mcd"], groups["holistic"], groups["reader"]
+    vit = holistic.pop("ViT CLIP step")
+    rows = [Row("objectives", "step ms/sample", "MCD step", "CLIP step", ms(mcd["MCD step"]), ms(mcd["CLIP step"]))]
+    rows += [
+        Row("objectives", "step ms/sample (ViT)", name, "ViT CLIP step", ms(v), ms(vit)) for name, v in holistic.items()
+    ]
+    rows.append(Row("objectives", "samples/s", "reader", "CLIP step", reader["reader"], reader["CLIP step"], ">= 1.0"))
+    return rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The rows as a fixed-width text table."""
+    head = (
+        f"{'comparison':<11}{'measure':<26}{'A':<22}{'A med':>9}  {'B':<16}{'B med':>9}{'A/B med':>9}  "
+        f"{'[min-max]':<14}goal"
     )
-    torch.distributed.init_process_group("gloo")
-
-
-def _experiment(args: argparse.Namespace, shards: str, objective: str | None = "clip", config: Path = DEMO):
-    """The config's experiment on these shards, one worker, the benchmark's batch and engine settings."""
-    tree = read_tree(config)
-    tree["data"].update(train_shards=shards, val_shards=None, batch_size=args.batch, num_workers=args.loader_workers)
-    if objective is not None:
-        tree["objective"] = {"name": objective}
-    if objective == "mcd":
-        tree["data"]["views"] = {"count": 2}
-    tree["eval"] = {}
-    tree["deepspeed"].update(zero_stage=args.zero, precision=args.precision)
-    tree["scaling"]["num_workers"] = 1
-    return validate_tree(tree, str(config))
-
-
-def _rate(fn, batches: list[dict], warmup: int) -> float:
-    for b in batches[:warmup]:
-        fn(b)
-    start = time.perf_counter()
-    for b in batches[warmup:]:
-        fn(b)
-    return sum(b["image"].shape[0] for b in batches[warmup:]) / (time.perf_counter() - start)
-
-
-def bench_training(args: argparse.Namespace, shards: str) -> tuple[float, float]:
-    exp = _experiment(args, shards)
-    loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
-    it = iter(loader)
-    batches = [{k: next(it)[k] for k in ("image", "text")} for _ in range(args.steps)]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
-
-    torch.manual_seed(0)
-    model, _ = build_model(exp.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=exp.optim.lr, weight_decay=exp.optim.weight_decay)
-
-    def plain(batch: dict) -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(image=batch["image"], text=batch["text"])
-        loss, _, _ = contrastive_loss(
-            out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        q = r.ratio
+        a, b = spread(r.a_values).median, spread(r.b_values).median
+        lines.append(
+            f"{r.comparison:<11}{r.measure:<26}{r.a:<22}{a:>9.1f}  {r.b:<16}{b:>9.1f}{q.median:>9.2f}  "
+            f"{f'[{q.low:.2f}-{q.high:.2f}]':<14}{r.goal}"
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    plain_rate = _rate(plain, batches, warmup=3)
-
-    return _engine_rate(exp, batches), plain_rate
+    return "\n".join(lines)
 
 
-def _engine_rate(exp, batches: list[dict]) -> float:
-    """samples/s of the cliplab step (engine, objective, clamp) for this experiment's objective."""
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[exp.deepspeed.precision]
-    torch.manual_seed(0)
-    model, _ = build_model(exp.model)
-    engine = build_engine(model, exp, world_size=1)
-    objective = build_objective(exp.objective.name, exp.objective.params)
-
-    def cliplab_step(batch: dict) -> None:
-        cast = {k: v.to(dtype) if k in ("image", "views") else v for k, v in batch.items()}
-        contrastive_step(engine, objective, [cast])
-        clamp_logit_scale(engine, exp.model.max_logit_scale)
-
-    return _rate(cliplab_step, batches, warmup=3)
-
-
-def bench_objectives(args: argparse.Namespace, shards: str) -> tuple[float, float]:
-    """(MCD samples/s, CLIP samples/s) on the same batches (MCD's carry its views)."""
-    exp = _experiment(args, shards, "mcd")
-    loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
-    it = iter(loader)
-    keys = ("image", "text", "crop_box", "views", "view_boxes", "view_jitter")
-    batches = [{k: b[k] for k in keys} for b in (next(it) for _ in range(args.steps))]
-    return _engine_rate(exp, batches), _engine_rate(_experiment(args, shards, "clip"), batches)
+def as_json(rows: Sequence[Row], settings: dict) -> dict:
+    """The settings and every row with its per-round values and ratio statistics."""
+    return {
+        "settings": settings,
+        "rows": [
+            {
+                **dataclasses.asdict(r),
+                "ratio": dataclasses.asdict(r.ratio),
+                "ratios": pair_ratios(r.a_values, r.b_values),
+            }
+            for r in rows
+        ],
+    }
 
 
-def bench_holistic(args: argparse.Namespace, shards: str) -> dict[str, float]:
-    """samples/s of each HOLISTIC config's step on the same batches (which carry all caption slots)."""
-    exps = {name: _experiment(args, shards, None, path) for name, path in HOLISTIC.items()}
-    first = next(iter(exps.values()))
-    loader, _ = make_train_loader(first.data, build_tokenizer(first.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
-    it = iter(loader)
-    keys = ("image", "text", "texts", "caption_own")
-    batches = [{k: b[k] for k in keys} for b in (next(it) for _ in range(args.steps))]
-    return {name: _engine_rate(exp, batches) for name, exp in exps.items()}
+def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """Write the shards, run the chosen comparisons in COMPARISONS order, return their rows."""
+    # imported here: each comparison module pulls in torch or Ray only when it runs
+    import objectives
+    import vs_ddp
+    import vs_open_clip
+    import zero_stages
 
-
-def bench_loading(args: argparse.Namespace, local: str, remote: str) -> tuple[float, float]:
-    rates = []
-    for shards in (remote, local):
-        exp = _experiment(args, shards)
-        loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
-        it = iter(loader)
-        next(it)
-        start = time.perf_counter()
-        n = sum(next(it)["image"].shape[0] for _ in range(args.load_batches))
-        rates.append(n / (time.perf_counter() - start))
-    return rates[0], rates[1]
+    w = make_workload(workdir, args.samples, args.batch, args.steps, args.log_every)
+    chosen = [c for c in COMPARISONS if c in args.only]
+    rows: list[Row] = []
+    if {"open_clip", "ddp"} & set(chosen):
+        start_local_ray(num_cpus=os.cpu_count(), log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
+    if "open_clip" in chosen:
+        sides = vs_open_clip.compare(w, args.pairs, os.cpu_count() or 1, args.webdataset_dir, address)
+        rows += _timing_rows("open_clip", sides, ">= 1.0", "<= 3.0")
+    if "ddp" in chosen:
+        rows += _timing_rows("ddp", vs_ddp.compare(w, args.pairs, address), ">= 0.90", "")
+    ray.shutdown()
+    if "zero" in chosen:
+        large = dataclasses.replace(w, batch=args.zero_batch, steps=args.zero_steps, log_every=args.zero_steps // 3)
+        rows += _zero_rows(zero_stages.compare(large, args.pairs, args.zero_stages))
+    if "objectives" in chosen:
+        objectives.single_process_group()
+        rows += _objective_rows(objectives.compare(dataclasses.replace(w, steps=args.objective_steps), args.pairs))
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--zero", type=int, default=2)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--loader-workers", type=int, default=1)
-    p.add_argument("--load-batches", type=int, default=40)
-    args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    with tempfile.TemporaryDirectory() as tmp, start_s3_server() as s3:
-        os.environ.update(s3_env(s3.endpoint))
-        create_bucket(s3.endpoint, "bench")
-        spec = SynthSpec(num_samples=8000, samples_per_shard=1000, seed=0)
-        write_synthscenes(f"{tmp}/shards", spec)
-        write_synthscenes("s3://bench/shards", spec)
-        local, remote = f"{tmp}/shards/{{00000..00007}}.tar", "s3://bench/shards/{00000..00007}.tar"
-
-        _single_process_group()
-        ours, plain = bench_training(args, local)
-        mcd, clip = bench_objectives(args, local)
-        holistic = bench_holistic(args, local)
-        s3_rate, local_rate = bench_loading(args, local, remote)
-
-    print(
-        f"\ncliplab benchmarks (batch {args.batch}, ZeRO-{args.zero}, {args.precision}, "
-        f"{torch.get_num_threads()} threads, demo model)"
+    p.add_argument("--only", nargs="+", choices=COMPARISONS, default=list(COMPARISONS))
+    p.add_argument("--pairs", type=int, default=3, help="rounds of each comparison (A,B per round)")
+    p.add_argument("--json", type=Path, help="write the settings, rows and per-round values here")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and 1 pair: checks the runner end to end")
+    p.add_argument("--samples", type=int, default=4000, help="SynthScenes samples written (8 shards)")
+    p.add_argument("--batch", type=int, default=32, help="batch per worker")
+    p.add_argument("--steps", type=int, default=12, help="steps per training run")
+    p.add_argument("--log-every", type=int, default=3, help="steps between progress lines (timing points)")
+    p.add_argument("--zero-stages", type=int, nargs="+", default=[0, 1, 2, 3], help="ZeRO-0 first: the baseline")
+    p.add_argument("--zero-batch", type=int, default=4)
+    p.add_argument("--zero-steps", type=int, default=6)
+    p.add_argument("--objective-steps", type=int, default=6, help="timed steps per objective measurement")
+    p.add_argument("--workdir", type=Path, help="shards, configs and every side's log (default: a temporary one)")
+    p.add_argument(
+        "--webdataset-dir",
+        type=Path,
+        default=WEBDATASET_DIR,
+        help="where open_clip_train's webdataset is installed (kept between runs)",
     )
-    print(f"{'measure':<34}{'cliplab':>12}{'baseline':>12}{'ratio':>8}")
-    print(f"{'train samples/s (vs plain torch)':<34}{ours:>12.1f}{plain:>12.1f}{ours / plain:>8.2f}")
-    print(f"{'MCD step time / CLIP step time':<34}{1 / mcd:>12.4f}{1 / clip:>12.4f}{clip / mcd:>8.2f}")
-    vit_clip = holistic.pop("CLIP")
-    for name, rate in holistic.items():
-        print(f"{name + ' / CLIP step, ViT':<34}{1 / rate:>12.4f}{1 / vit_clip:>12.4f}{vit_clip / rate:>8.2f}")
-    print(f"{'loader samples/s (S3 vs local)':<34}{s3_rate:>12.1f}{local_rate:>12.1f}{s3_rate / local_rate:>8.2f}")
+    args = p.parse_args()
+    if args.smoke:
+        args.pairs, args.samples, args.batch, args.steps, args.log_every = 1, 800, 16, 6, 2
+        args.zero_batch, args.zero_steps, args.objective_steps = 4, 3, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        rows = run(args, workdir)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    print(
+        f"\ncliplab benchmarks: {args.pairs} interleaved pair(s), batch {args.batch}/worker, fp32, "
+        f"{os.cpu_count()} cores; ratio = A/B per pair"
+    )
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(rows, settings), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""benchmarks/ab.py: the interleaved run order and the per-pair ratio statistics (pure, no timing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_AB = Path(__file__).resolve().parents[1] / "benchmarks" / "ab.py"
+_spec = importlib.util.spec_from_file_location("benchmarks_ab", _AB)
+ab = sys.modules["benchmarks_ab"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(ab)
+
+
+def test_schedule_alternates_sides_round_by_round():
+    assert ab.schedule(["A", "B"], 3) == ["A", "B", "A", "B", "A", "B"]
+    assert ab.schedule(["z0", "z1", "z2"], 2) == ["z0", "z1", "z2", "z0", "z1", "z2"]
+
+
+def test_schedule_refuses_no_pairs():
+    with pytest.raises(ValueError, match="pairs"):
+        ab.schedule(["A", "B"], 0)
+
+
+def test_interleave_calls_sides_in_schedule_order_and_keeps_round_order():
+    calls = []
+
+    def side(name):
+        def run():
+            calls.append(name)
+            return f"{name}{sum(c == name for c in calls)}"
+
+        return run
+
+    results = ab.interleave({"A": side("A"), "B": side("B")}, 3)
+    assert calls == ["A", "B", "A", "B", "A", "B"]
+    assert results == {"A": ["A1", "A2", "A3"], "B": ["B1", "B2", "B3"]}
+
+
+def test_pair_ratios_divide_within_each_round():
+    assert ab.pair_ratios([10.0, 20.0, 30.0], [5.0, 40.0, 30.0]) == [2.0, 0.5, 1.0]
+    with pytest.raises(ValueError):
+        ab.pair_ratios([1.0, 2.0], [1.0])
+
+
+def test_spread_is_median_and_range():
+    assert ab.spread([2.0, 0.5, 1.0]) == ab.Spread(median=1.0, low=0.5, high=2.0)
+    assert ab.spread([1.0, 3.0, 2.0, 10.0]) == ab.Spread(median=2.5, low=1.0, high=10.0)
+    assert ab.spread([4.0]) == ab.Spread(4.0, 4.0, 4.0)
+    with pytest.raises(ValueError):
+        ab.spread([])
