@@ -9,6 +9,7 @@ that size's alone.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def embed_one_size(urls: list[str], teacher: Path, out: str, embed: dict[str, An
     try:
         info = inspect(TeacherSource(export=str(teacher)))
         cfg = EmbedConfig(**embed)
-        driver_before = _maxrss_mib()
+        driver_before, load_before = _maxrss_mib(), os.getloadavg()[0]
         with WorkerPeaks() as peaks:
             t0 = time.perf_counter()
             stats = embed_shards(urls, out, info, cfg)
@@ -49,6 +50,7 @@ def embed_one_size(urls: list[str], teacher: Path, out: str, embed: dict[str, An
         "skipped_samples": stats.skipped_samples,
         "seconds": seconds,
         "samples_per_s": stats.embedded / seconds,
+        "load_1min": [load_before, os.getloadavg()[0]],  # machine load around the pass (skews samples/s)
         "driver_rss_before_mib": driver_before,
         "driver_peak_rss_mib": _maxrss_mib(),
         "worker_peak_rss_mib": max(roles.values(), default=0.0),

@@ -68,7 +68,7 @@ def embed_sizes(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"size {n}: {r['embedded']} embedded in {r['seconds']:.1f}s, {r['samples_per_s']:.0f} samples/s, "
                 f"worker peaks MiB {', '.join(f'{k} {v:.0f}' for k, v in sorted(r['role_peak_rss_mib'].items()))}, "
-                f"driver {r['driver_peak_rss_mib']:.0f}",
+                f"driver {r['driver_peak_rss_mib']:.0f}; load {r['load_1min'][0]:.1f} -> {r['load_1min'][1]:.1f}",
                 flush=True,
             )
     return {
