@@ -1,106 +1,182 @@
-"""Selection scoring throughput and peak memory at growing pool sizes, as ratios against the first size.
+"""Selection throughput and peak memory at growing pool sizes, as ratios against the first size.
 
-Each pool size is scored in a fresh process (one scoring worker, as the selection job's driver is) on a pool
-of random unit embeddings, which the parent writes as float16 `.npy` memmaps as `cliplab.select.pool.load_pool`
-leaves them: CLIPScore, negCLIPLoss (K partitions into batches of |B|) and NormSim_inf against a target set.
-Printed per size and stage: samples/s (best of `--trials` runs) and its ratio to the first size (1.0 = linear
-scaling), and the worker's peak RSS (memmap pages it touched included) with its ratio. Memory bounded by |B|
-and the chunk size, not by N, shows as a peak ratio well below the size ratio.
+Two stages of `cliplab select`, each size in a fresh process so that no peak carries over:
 
-    .venv/bin/python benchmarks/selection.py [--sizes 10000 40000 160000] [--dim 512] [--batch 4096] [--trials 3]
+- embed: the Ray Data embedding pass (`cliplab.select.embed.embed_shards`, what the job's stage 2 runs) over a
+  SynthScenes pool written to local disk (1000 samples per shard, 32 px), with a tiny random-weight ViT teacher,
+  on a new local Ray of `--cpus` CPUs. Samples/s is the pass's embedded samples over its wall time, Ray Data's
+  and the actors' start-up included, as the job's `speed/embed_pool_samples_per_s` (writing the pool is not
+  timed). Peak RSS: each Ray worker's kernel high-water mark (VmHWM, worker_peaks.py) and the driver's ru_maxrss.
+  By default read tasks ask for 0.5 CPU and the actor for 1, so Ray Data does not fuse them and reading,
+  decoding and embedding each show up in their own workers.
+- score: CLIPScore, negCLIPLoss and NormSim_inf on random unit embeddings as float16 memmaps (score_pass.py), in
+  one scoring worker as the job's driver; samples/s best of `--trials` runs.
+
+Ratios: samples/s against the first size (1.0 = linear scaling), and peak RSS against the first size next to
+the size ratio; memory bounded by shard, chunk and batch sizes rather than by N shows as a peak ratio near 1
+while the size ratio grows.
+
+    .venv/bin/python benchmarks/selection.py [--stage embed|score|all] [--sizes 10000 40000 160000] [--json PATH]
+    .venv/bin/python benchmarks/selection.py --smoke --json smoke.json     # 200 and 400 samples, a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
-import resource
+import os
+import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from embed_inputs import write_pool, write_teacher
+from embed_pass import embed_one_size
+from score_pass import score_one_size, unit_memmap
 
-
-def _unit_memmap(path: Path, n: int, dim: int, seed: int) -> None:
-    """n random unit vectors as a float16 memmap, written in chunks (the pool never sits in memory whole)."""
-    out = np.lib.format.open_memmap(path, "w+", np.float16, (n, dim))
-    rng = np.random.default_rng(seed)
-    for s in range(0, n, 65536):
-        x = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
-        out[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    out.flush()
+SMOKE_SIZES = [200, 400]
+SCORES = ("clipscore", "negclip", "normsim_inf")
 
 
-def _best_of(trials: int, fn: Callable[[], object]) -> float:
-    """The fastest of `trials` timed calls (the machine may be shared: the minimum is the least disturbed)."""
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _child(fn: Any, args: tuple, queue: mp.Queue) -> None:
+    queue.put(fn(*args))
 
 
-def score_one_size(folder: str, batch: int, repeats: int, threads: int, trials: int) -> dict[str, float]:
-    """Score the pool memmapped in `folder` in this process: best seconds per stage and peak RSS in MiB."""
-    import torch
-
-    from cliplab.select.scores import clip_score, neg_clip_loss, norm_sim
-
-    torch.set_num_threads(threads)
-    # r+ as load_pool's memmaps are writable; nothing is written
-    image, text, tgt = (np.load(Path(folder) / f"{k}.npy", mmap_mode="r+") for k in ("image", "text", "target"))
-    neg_clip_loss(image[:256], text[:256], 0.01, 128, 1, 0)  # warm-up: torch's thread pool and kernels
-    out: dict[str, float] = {"rss_before_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    out["clipscore_s"] = _best_of(trials, lambda: clip_score(image, text))
-    out["negclip_s"] = _best_of(trials, lambda: neg_clip_loss(image, text, 0.01, batch, repeats, 0))
-    out["normsim_inf_s"] = _best_of(trials, lambda: norm_sim(image, tgt, float("inf")))
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+def _in_fresh_process(fn: Any, *args: Any) -> dict[str, Any]:
+    """`fn(*args)` in a new spawned interpreter: its peak RSS and its Ray instance are its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
-def _child(args: tuple, queue: mp.Queue) -> None:
-    queue.put(score_one_size(*args))
+def embed_sizes(args: argparse.Namespace) -> dict[str, Any]:
+    """Embed a fresh SynthScenes pool of each size; per size the pass's counts, samples/s and peaks."""
+    embed = {"actors": 1, "cpus_per_actor": 1.0, "cpus_per_read": args.cpus_per_read, "batch_size": args.embed_batch}
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cliplab-bench-embed-") as tmp:
+        teacher = write_teacher(Path(tmp) / "teacher")
+        for n in args.sizes:
+            pool = Path(tmp) / f"pool-{n}"
+            urls = write_pool(pool, n, args.per_shard, args.image_size)
+            r = _in_fresh_process(embed_one_size, urls, teacher, str(Path(tmp) / f"out-{n}"), embed, args.cpus)
+            results[str(n)] = r
+            print(
+                f"size {n}: {r['embedded']} embedded in {r['seconds']:.1f}s, {r['samples_per_s']:.0f} samples/s, "
+                f"worker peaks MiB {', '.join(f'{k} {v:.0f}' for k, v in sorted(r['role_peak_rss_mib'].items()))}, "
+                f"driver {r['driver_peak_rss_mib']:.0f}; load {r['load_1min'][0]:.1f} -> {r['load_1min'][1]:.1f}",
+                flush=True,
+            )
+    return {
+        "pool": {"per_shard": args.per_shard, "image_size": args.image_size, "storage": "local disk"},
+        "embed": embed,
+        "cpus": args.cpus,
+        "sizes": results,
+    }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[10000, 40000, 160000])
-    p.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B/32: 512, ViT-L/14: 768)")
-    p.add_argument("--batch", type=int, default=4096, help="negCLIPLoss |B|")
-    p.add_argument("--repeats", type=int, default=2, help="negCLIPLoss K")
-    p.add_argument("--target", type=int, default=1000, help="NormSim target set size")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the scoring worker")
-    p.add_argument("--trials", type=int, default=3, help="timed runs per stage; the fastest counts")
-    args = p.parse_args()
-    ctx = mp.get_context("spawn")  # a fresh process per size: its peak RSS is that size's alone
-    results = {}
+def print_embed_table(sizes: list[int], out: dict[str, Any]) -> None:
+    """Samples/s and peak RSS per size, each with its ratio to the first size, next to the size ratio."""
+    first, e = sizes[0], out["embed"]
+    print(
+        f"\nembedding pass, local Ray of {out['cpus']} CPUs, 1 teacher actor ({e['cpus_per_actor']} CPU, batch "
+        f"{e['batch_size']}), read tasks of {e['cpus_per_read']} CPU, {out['pool']['per_shard']} samples per shard; "
+        f"ratios against {first} samples"
+    )
+    print(
+        f"{'pool':>8}{'size x':>8}{'samples/s':>11}{'ratio':>7}{'worker peak MiB':>17}{'ratio':>7}"
+        f"{'actor':>8}{'read':>8}{'driver peak MiB':>17}{'ratio':>7}"
+    )
+    base = out["sizes"][str(first)]
+    for n in sizes:
+        r = out["sizes"][str(n)]
+        roles = r["role_peak_rss_mib"]
+        print(
+            f"{n:>8}{n / first:>8.0f}{r['samples_per_s']:>11.0f}{r['samples_per_s'] / base['samples_per_s']:>7.2f}"
+            f"{r['worker_peak_rss_mib']:>17.0f}{r['worker_peak_rss_mib'] / base['worker_peak_rss_mib']:>7.2f}"
+            f"{roles.get('actor', 0):>8.0f}{roles.get('read', 0):>8.0f}"
+            f"{r['driver_peak_rss_mib']:>17.0f}{r['driver_peak_rss_mib'] / base['driver_peak_rss_mib']:>7.2f}"
+        )
+
+
+def score_sizes(args: argparse.Namespace) -> dict[str, Any]:
+    """Score a pool of random unit embeddings of each size; per size best seconds per score and the peak RSS."""
+    results: dict[str, Any] = {}
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="cliplab-bench-select-") as tmp:
             for name, rows, seed in (("image", n, 0), ("text", n, 1), ("target", args.target, 2)):
-                _unit_memmap(Path(tmp) / f"{name}.npy", rows, args.dim, seed)
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=((tmp, args.batch, args.repeats, args.threads, args.trials), queue))
-            proc.start()
-            results[n] = queue.get()
-            proc.join()
-        print(f"size {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[n].items()), flush=True)
-    first = args.sizes[0]
+                unit_memmap(Path(tmp) / f"{name}.npy", rows, args.dim, seed)
+            results[str(n)] = _in_fresh_process(
+                score_one_size, tmp, args.batch, args.repeats, args.threads, args.trials
+            )
+        print(f"size {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[str(n)].items()), flush=True)
+    settings = ("dim", "batch", "repeats", "target", "threads", "trials")
+    return {"settings": {k: getattr(args, k) for k in settings}, "sizes": results}
+
+
+def print_score_table(sizes: list[int], out: dict[str, Any]) -> None:
+    """Samples/s per score and the worker's peak RSS per size, each with its ratio to the first size."""
+    first, s = sizes[0], out["settings"]
     print(
-        f"\nscoring, one worker ({args.threads} threads), d={args.dim}, |B|={args.batch}, K={args.repeats}, "
-        f"{args.target} target rows, best of {args.trials}; ratios against {first} samples"
+        f"\nscoring, one worker ({s['threads']} threads), d={s['dim']}, |B|={s['batch']}, K={s['repeats']}, "
+        f"{s['target']} target rows, best of {s['trials']}; ratios against {first} samples"
     )
     print(f"{'pool':>8}  {'stage':<12}{'samples/s':>11}{'ratio':>7}{'worker peak RSS MiB':>21}{'ratio':>7}")
-    for n in args.sizes:
-        r, base = results[n], results[first]
-        for stage in ("clipscore", "negclip", "normsim_inf"):
+    base = out["sizes"][str(first)]
+    for n in sizes:
+        r = out["sizes"][str(n)]
+        for stage in SCORES:
             rate, base_rate = n / r[f"{stage}_s"], first / base[f"{stage}_s"]
             print(
                 f"{n:>8}  {stage:<12}{rate:>11.0f}{rate / base_rate:>7.2f}"
                 f"{r['peak_rss_mib']:>21.0f}{r['peak_rss_mib'] / base['peak_rss_mib']:>7.2f}"
             )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `--smoke` shrinks every size and count to a run of about a minute."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("embed", "score", "all"), default="all")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10000, 40000, 160000])
+    p.add_argument("--smoke", action="store_true", help=f"sizes {SMOKE_SIZES}, 100 samples per shard, one trial")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    g = p.add_argument_group("embed")
+    g.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs of the local Ray")
+    g.add_argument("--per-shard", type=int, default=1000, help="pool samples per shard")
+    g.add_argument("--image-size", type=int, default=32, help="SynthScenes image side (the teacher's is 32)")
+    g.add_argument("--embed-batch", type=int, default=256, help="embed.batch_size: images per teacher forward")
+    g.add_argument("--cpus-per-read", type=float, default=0.5, help="embed.cpus_per_read (1.0: fused into actor)")
+    g = p.add_argument_group("score")
+    g.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B/32: 512, ViT-L/14: 768)")
+    g.add_argument("--batch", type=int, default=4096, help="negCLIPLoss |B|")
+    g.add_argument("--repeats", type=int, default=2, help="negCLIPLoss K")
+    g.add_argument("--target", type=int, default=1000, help="NormSim target set size")
+    g.add_argument("--threads", type=int, default=2, help="torch threads of the scoring worker")
+    g.add_argument("--trials", type=int, default=3, help="timed runs per stage; the fastest counts")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.per_shard, args.trials, args.batch, args.target = SMOKE_SIZES, 100, 1, 128, 100
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen stages over every size, print their tables, and write the figures to `--json`."""
+    args = parse_args(argv)
+    out: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv, "sizes": args.sizes}
+    if args.stage in ("embed", "all"):
+        out["embed"] = embed_sizes(args)
+    if args.stage in ("score", "all"):
+        out["score"] = score_sizes(args)
+    if "embed" in out:
+        print_embed_table(args.sizes, out["embed"])
+    if "score" in out:
+        print_score_table(args.sizes, out["score"])
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
