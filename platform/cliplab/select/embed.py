@@ -225,7 +225,8 @@ def embed_shards(
     )
     if todo:
         _run(todo, out, teacher, cfg, caption_key, captions_optional, stats, label)
-    stats.unreadable = [u for u in todo if u not in set(stats.written)]
+    written = set(stats.written)
+    stats.unreadable = [u for u in todo if u not in written]
     log.info(
         "embed %s: done, %d samples (%d skipped), %d shards written now, %d unreadable",
         label,
