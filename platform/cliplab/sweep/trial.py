@@ -14,6 +14,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.train._internal.session import get_session
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cliplab.config import Experiment
@@ -36,6 +37,14 @@ class MetricReports(TuneReportCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if self.metric in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
+
+
+def stopped_by_tune() -> bool:
+    """Tune has ended this trial's session (a scheduler's early stop): the Train run then fails on its way out.
+
+    Tune's cleanup shuts the trial's session down before the run notices (ray.tune FunctionTrainable.cleanup).
+    """
+    return get_session() is None
 
 
 def find_child(client: MlflowClient, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -83,6 +92,8 @@ def run_trial(
     try:
         trainer.fit()
     except Exception as exc:
+        if stopped_by_tune():  # the sweep's driver records the early stop; an ERROR here would race with it
+            raise
         tracker.tags({STATUS_TAG: "ERROR", "cliplab.error": str(exc)[:4000]})
         tracker.finish("FAILED")
         raise
