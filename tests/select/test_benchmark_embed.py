@@ -27,9 +27,10 @@ def test_worker_peaks_reads_the_kernel_high_water_mark_and_the_role_from_the_tit
         worker.stdout.readline()  # freed
         with WorkerPeaks() as peaks:
             pass
-        assert list(peaks.workers) == [worker.pid]
+        # the suite's own session Ray may have idle `ray::` workers under this process too: look only at ours
+        assert worker.pid in peaks.workers and other.pid not in peaks.workers
         assert peaks.workers[worker.pid].role() == "read"
-        assert peaks.by_role()["read"] >= 300
+        assert peaks.workers[worker.pid].peak_mib >= 300
     finally:
         worker.kill()
         other.kill()
