@@ -30,11 +30,11 @@ import ray
 from ab import Spread, pair_ratios, spread
 from cliplab.runtime import start_local_ray
 from procs import Timing
+from vs_open_clip import WEBDATASET_DIR
 from workload import make_workload
 
 COMPARISONS = ("open_clip", "ddp", "zero", "objectives")  # objectives last: it sets torch.distributed env vars
 MIB = 2**20
-WEBDATASET_DIR = Path.home() / ".cache" / "cliplab-bench" / "webdataset-0.2.86"
 
 
 @dataclass

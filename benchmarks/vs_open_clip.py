@@ -16,6 +16,7 @@ from procs import Timing, timed_run
 from workload import PYTHON, SMALL_MODEL, Workload, child_env, cliplab_samples, cliplab_train
 
 WEBDATASET = "webdataset==0.2.86"
+WEBDATASET_DIR = Path.home() / ".cache" / "cliplab-bench" / "webdataset-0.2.86"  # kept between runs
 OPEN_CLIP_PROGRESS = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/")
 
 
@@ -28,22 +29,21 @@ def install_webdataset(target: Path) -> Path:
     return target
 
 
-def _open_clip_samples(line: str) -> int | None:
+def open_clip_samples(line: str) -> int | None:
     m = OPEN_CLIP_PROGRESS.search(line)
     return int(m.group(1)) if m else None
 
 
-def compare(w: Workload, pairs: int, threads: int, webdataset_dir: Path, ray_address: str) -> dict[str, list[Timing]]:
-    """Per side ('cliplab', 'open_clip_train'), one Timing per round."""
-    config = w.cliplab_config("vs-open-clip", SMALL_MODEL, workers=1, zero=2, threads=threads)
-    model_dir = w.open_clip_model_dir(SMALL_MODEL)
-    site = install_webdataset(webdataset_dir)
-    open_clip_cmd = [
+def open_clip_command(
+    w: Workload, model: str, workers: int, device: str, precision: str | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """`python -m open_clip_train.main` on the workload's shards: one epoch of `steps x batch` samples."""
+    return [
         PYTHON,
         "-m",
         "open_clip_train.main",
         "--model",
-        f"local-dir:{model_dir}",
+        model,
         "--train-data",
         w.shards,
         "--dataset-type",
@@ -55,27 +55,39 @@ def compare(w: Workload, pairs: int, threads: int, webdataset_dir: Path, ray_add
         "--epochs",
         "1",
         "--workers",
-        "1",
+        str(workers),
         "--precision",
-        w.precision,
+        precision or w.precision,
         "--log-every-n-steps",
         str(w.log_every),
         "--save-frequency",
         "0",
         "--device",
-        "cpu",
+        device,
         "--logs",
         str(w.root / "open_clip_logs"),
+        *extra,
     ]
-    base_path = child_env().get("PYTHONPATH", "")
-    open_clip_env = child_env(PYTHONPATH=f"{site}:{base_path}", OMP_NUM_THREADS=str(threads))
+
+
+def open_clip_run(cmd: list[str], w: Workload, webdataset_dir: Path, threads: int) -> Timing:
+    """Run open_clip_train (its own webdataset first on PYTHONPATH) and time its progress lines."""
+    site = install_webdataset(webdataset_dir)
+    env = child_env(PYTHONPATH=f"{site}:{child_env().get('PYTHONPATH', '')}", OMP_NUM_THREADS=str(threads))
+    log = w.log_path("open_clip_train")
+    return timed_run([*cmd, "--name", log.stem], env, open_clip_samples, w.batch, log)
+
+
+def compare(w: Workload, pairs: int, threads: int, webdataset_dir: Path, ray_address: str) -> dict[str, list[Timing]]:
+    """Per side ('cliplab', 'open_clip_train'), one Timing per round."""
+    config = w.cliplab_config("vs-open-clip", SMALL_MODEL, workers=1, zero=2, threads=threads)
+    open_clip_cmd = open_clip_command(w, f"local-dir:{w.open_clip_model_dir(SMALL_MODEL)}", 1, "cpu")
 
     def cliplab() -> Timing:
         cmd, env = cliplab_train(config, ray_address)
         return timed_run(cmd, env, cliplab_samples(w.batch, 1), w.batch, w.log_path("cliplab-1worker"))
 
-    def open_clip() -> Timing:
-        log = w.log_path("open_clip_train")
-        return timed_run([*open_clip_cmd, "--name", log.stem], open_clip_env, _open_clip_samples, w.batch, log)
-
-    return interleave({"cliplab": cliplab, "open_clip_train": open_clip}, pairs)
+    return interleave(
+        {"cliplab": cliplab, "open_clip_train": lambda: open_clip_run(open_clip_cmd, w, webdataset_dir, threads)},
+        pairs,
+    )

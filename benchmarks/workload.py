@@ -48,7 +48,17 @@ class Workload:
 
     def cliplab_config(self, name: str, model: dict[str, Any], workers: int, zero: int, threads: int) -> Path:
         """A cliplab experiment YAML for this workload (no evaluation, no checkpoint before the last step)."""
-        tree = {
+        return self.write_config(name, self.cliplab_tree(name, model, workers, zero, threads))
+
+    def write_config(self, name: str, tree: dict[str, Any]) -> Path:
+        """`tree` as root/NAME.yaml."""
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
+        return path
+
+    def cliplab_tree(self, name: str, model: dict[str, Any], workers: int, zero: int, threads: int) -> dict[str, Any]:
+        """The experiment tree of `cliplab_config`, with the model inline (`model.config`)."""
+        return {
             "name": name,
             "data": {
                 "train_shards": self.shards,
@@ -72,9 +82,6 @@ class Workload:
                 "log_model": False,
             },
         }
-        path = self.root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        return path
 
     def log_path(self, side: str) -> Path:
         """A new log file for one run of `side`: root/SIDE-1.log, SIDE-2.log, ... (every round's output is kept)."""
@@ -91,11 +98,14 @@ class Workload:
         return path
 
 
-def make_workload(root: Path, samples: int, batch: int, steps: int, log_every: int) -> Workload:
-    """Write `samples` SynthScenes samples as 8 shards under root/shards and describe the workload."""
-    per_shard = -(-samples // 8)
-    write_synthscenes(str(root / "shards"), SynthSpec(num_samples=per_shard * 8, samples_per_shard=per_shard, seed=0))
-    return Workload(root, str(root / "shards" / "{00000..00007}.tar"), batch, steps, log_every)
+def make_workload(
+    root: Path, samples: int, batch: int, steps: int, log_every: int, image_size: int = 64, shards: int = 8
+) -> Workload:
+    """Write `samples` SynthScenes samples of `image_size` px as `shards` shards under root/shards."""
+    per_shard = -(-samples // shards)
+    spec = SynthSpec(num_samples=per_shard * shards, samples_per_shard=per_shard, image_size=image_size, seed=0)
+    write_synthscenes(str(root / "shards"), spec)
+    return Workload(root, str(root / "shards" / f"{{00000..{shards - 1:05d}}}.tar"), batch, steps, log_every)
 
 
 def cliplab_samples(batch: int, workers: int) -> Callable[[str], int | None]:

@@ -71,6 +71,8 @@ def test_progress_line_shows_the_headline_numbers_only() -> None:
             "lr": 2e-4,
             "samples_per_s": 812.4,
             "data_wait_frac": 0.051,
+            "tflops_per_s": 152.04,
+            "mfu": 0.3142,
             "zeroshot/colour/top1": 0.5,
             "zeroshot/colour/top5": 0.9,
             "retrieval/i2t_R1": 0.25,
@@ -78,8 +80,8 @@ def test_progress_line_shows_the_headline_numbers_only() -> None:
         },
     )
     assert line == (
-        "step 3/10 | loss 1.2346 | lr 2.00e-04 | samples_per_s 812 | data_wait_frac 5% | "
-        "zeroshot/colour/top1 0.500 | retrieval/i2t_R1 0.250"
+        "step 3/10 | loss 1.2346 | lr 2.00e-04 | samples_per_s 812 | data_wait_frac 5% | tflops_per_s 152 | "
+        "mfu 31.4% | zeroshot/colour/top1 0.500 | retrieval/i2t_R1 0.250"
     )
 
 

@@ -44,7 +44,7 @@ def step_metrics(
 
 
 def progress_line(step: int, total: int, m: dict[str, float]) -> str:
-    """One log line: step, loss, lr, temperature, throughput, data wait, then the headline eval numbers."""
+    """One log line: step, loss, lr, temperature, throughput, data wait, TFLOP/s and MFU, then headline evals."""
     parts = [f"step {step}/{total}"]
     for key, fmt in (
         ("loss", "{:.4f}"),
@@ -52,6 +52,8 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
         ("logit_scale", "{:.1f}"),
         ("samples_per_s", "{:.0f}"),
         ("data_wait_frac", "{:.0%}"),
+        ("tflops_per_s", "{:.3g}"),
+        ("mfu", "{:.1%}"),
     ):
         if key in m:
             parts.append(f"{key} " + fmt.format(m[key]))
