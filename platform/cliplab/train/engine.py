@@ -13,6 +13,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from cliplab.config import Experiment
@@ -95,7 +96,8 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
     """Wrap the model with AdamW (`compute.optimizer`) and a warmup+cosine schedule, then apply `compute`.
 
     Checkpointing is switched on before `deepspeed.initialize`; `compute.compile` runs after it, in place, so
-    the compiled graphs see the engine's dtype, device and hooks and every parameter keeps its name.
+    the compiled graphs see the engine's dtype, device and hooks and every parameter keeps its name. The
+    backend is the accelerator's (inductor unless `get_accelerator().set_compile_backend` chose another).
     """
     set_grad_checkpointing(model, exp.compute.grad_checkpointing)
     optimizer = build_optimizer(model, exp)
@@ -107,10 +109,11 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
     for buffer in engine.module.buffers():  # DeepSpeed casts parameters only; batch-norm statistics must follow
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
+    backend = get_accelerator().get_compile_backend()  # read now: engine.compile's default was bound at import
     if exp.compute.compile == "model":
-        engine.compile()  # DeepSpeed 0.19.8: `module.compile(backend=...)` in place, the accelerator's backend
+        engine.compile(backend=backend)  # DeepSpeed 0.19.8: `engine.module.compile(backend=...)`, in place
     elif exp.compute.compile == "blocks":
-        compile_blocks(engine.module)
+        compile_blocks(engine.module, backend=backend)
     return engine
 
 
