@@ -161,7 +161,8 @@ class ComputeSection(Strict):
     `engine.compile()` calls for `model`): the engine has already cast, placed and hooked the module, and an
     in-place compile keeps every parameter name, so checkpoints and exports look the same either way.
     `blocks` compiles each transformer block of every tower instead (regional compile), for when a
-    whole-model graph fights DeepSpeed's hooks or takes too long to build.
+    whole-model graph fights DeepSpeed's hooks or takes too long to build; not at ZeRO-3, where `model` runs
+    but breaks its graph at every module's parameter-gathering hook.
     """
 
     compile: Literal["none", "model", "blocks"] = Field(
@@ -286,6 +287,11 @@ class Experiment(Strict):
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: true; use bf16 or fp32 on CPU")
         if self.compute.optimizer == "fused" and not self.scaling.use_gpu:
             raise ValueError("compute.optimizer fused needs scaling.use_gpu: true; use auto or torch on CPU")
+        if self.compute.compile == "blocks" and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "compute.compile blocks does not work with deepspeed.zero_stage 3 (compiled blocks read partitioned "
+                "parameters ZeRO-3 has not gathered); use compile: model, or ZeRO stage 0, 1 or 2"
+            )
         if self.eval.zeroshot and not self.data.val_shards:
             raise ValueError("eval.zeroshot needs data.val_shards")
         return self

@@ -78,6 +78,9 @@ def test_compute_defaults_and_unknown_keys() -> None:
         experiment({"fused_adam": True})
     with pytest.raises(ConfigError, match=r"compute\.compile"):
         experiment({"compile": "full"})
+    with pytest.raises(ConfigError, match=r"compute\.compile blocks does not work with deepspeed\.zero_stage 3"):
+        experiment({"compile": "blocks"}, zero_stage=3)
+    assert experiment({"compile": "model"}, zero_stage=3).compute.compile == "model"
 
 
 def test_optimizer_resolves_auto_by_device_and_refuses_fused_on_cpu() -> None:
