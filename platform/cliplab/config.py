@@ -154,6 +154,26 @@ class DeepSpeedSection(Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+class ComputeSection(Strict):
+    """GPU-speed switches: torch.compile, activation checkpointing and the optimizer kernel (see train/engine.py).
+
+    `compile` runs after `deepspeed.initialize`, in place (`nn.Module.compile`, which DeepSpeed's
+    `engine.compile()` calls for `model`): the engine has already cast, placed and hooked the module, and an
+    in-place compile keeps every parameter name, so checkpoints and exports look the same either way.
+    `blocks` compiles each transformer block of every tower instead (regional compile), for when a
+    whole-model graph fights DeepSpeed's hooks or takes too long to build; not at ZeRO-3, where `model` runs
+    but breaks its graph at every module's parameter-gathering hook.
+    """
+
+    compile: Literal["none", "model", "blocks"] = Field(
+        "none", description="torch.compile: none, the whole model, or each transformer block (regional)"
+    )
+    grad_checkpointing: bool = Field(False, description="recompute every tower's block activations in backward")
+    optimizer: Literal["auto", "torch", "fused"] = Field(
+        "auto", description="AdamW kernel: auto = DeepSpeed FusedAdam on GPU, torch AdamW on CPU"
+    )
+
+
 class TrainConfig(Strict):
     """Length and cadence of the run."""
 
@@ -246,7 +266,7 @@ class EvalConfig(Strict):
 
 
 class Experiment(Strict):
-    """A whole experiment: data, model, objective, optimiser, engine, scaling, storage, tracking, eval."""
+    """A whole experiment: data, model, objective, optimiser, engine, compute, scaling, storage, tracking, eval."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig
@@ -254,6 +274,7 @@ class Experiment(Strict):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
     train: TrainConfig
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -264,6 +285,13 @@ class Experiment(Strict):
     def _coherent(self) -> Experiment:
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: true; use bf16 or fp32 on CPU")
+        if self.compute.optimizer == "fused" and not self.scaling.use_gpu:
+            raise ValueError("compute.optimizer fused needs scaling.use_gpu: true; use auto or torch on CPU")
+        if self.compute.compile == "blocks" and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "compute.compile blocks does not work with deepspeed.zero_stage 3 (compiled blocks read partitioned "
+                "parameters ZeRO-3 has not gathered); use compile: model, or ZeRO stage 0, 1 or 2"
+            )
         if self.eval.zeroshot and not self.data.val_shards:
             raise ValueError("eval.zeroshot needs data.val_shards")
         return self

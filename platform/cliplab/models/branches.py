@@ -13,9 +13,13 @@ so every branch starts as the pretrained embedding and the branches separate as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cliplab.config import BranchesConfig
 from cliplab.errors import ConfigError
@@ -65,7 +69,21 @@ def _patch_tokens(tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + tower.positional_embedding[1:].to(x.dtype)
 
 
-class MultiClsVision(nn.Module):
+class _BranchTower(nn.Module):
+    """What both designs share: activation checkpointing switched through the adopted transformer, as open_clip does."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """open_clip's CLIP.set_grad_checkpointing calls this on its vision tower."""
+        self.transformer.grad_checkpointing = enable
+
+    def _maybe_checkpointed(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """`fn(*args)`, recomputed in backward when checkpointing is on (non-reentrant, like open_clip)."""
+        if self.transformer.grad_checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+
+class MultiClsVision(_BranchTower):
     """Psi_CLS: M class tokens with their own positions; class token a never attends to class token b != a.
 
     Patches attend to every token, including all class tokens (holistic.md ambiguity 8: reproduced as
@@ -105,7 +123,7 @@ class MultiClsVision(nn.Module):
         return self.ln_post(x[:, : self.count]) @ self.proj
 
 
-class ParallelMlpVision(nn.Module):
+class ParallelMlpVision(_BranchTower):
     """Psi_MLP: in the last `blocks` blocks the MLP's c_proj is replicated M times; attention and c_fc are shared.
 
     At the first modified block the token stream forks into M streams (batch B*M from then on), stream m
@@ -139,26 +157,32 @@ class ParallelMlpVision(nn.Module):
                     linear.weight.copy_(block.mlp.c_proj.weight)
                     linear.bias.copy_(block.mlp.c_proj.bias)
 
+    def compile_branch_blocks(self, **kwargs: Any) -> None:
+        """Regional compile of the modified blocks, which run outside their own `forward` (plain ones compile there)."""
+        self._branch_block = torch.compile(self._branch_block, **kwargs)
+
+    def _branch_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Modified block k: shared attention and c_fc, then stream m's own c_proj (k == 0 forks B into B*M)."""
+        block, m = self.transformer.resblocks[self.first + k], self.count
+        x = x + block.ls_1(block.attention(block.ln_1(x)))
+        hidden = block.mlp.gelu(block.mlp.c_fc(block.ln_2(x)))
+        projections = [block.mlp.c_proj, *self.branch_proj[k]]
+        if k == 0:  # fork: each stream adds its own projection of the shared hidden state
+            return torch.stack([x + block.ls_2(p(hidden)) for p in projections], dim=1).flatten(0, 1)
+        hidden = hidden.unflatten(0, (x.shape[0] // m, m))
+        update = torch.stack([p(hidden[:, i]) for i, p in enumerate(projections)], dim=1)
+        return x + block.ls_2(update.flatten(0, 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = _patch_tokens(self, x)
         cls = (self.class_embedding + self.positional_embedding[0]).to(patches.dtype)
         x = self.ln_pre(torch.cat([cls.expand(patches.shape[0], 1, -1), patches], dim=1))
-        batch, m = x.shape[0], self.count
+        batch = x.shape[0]
         for block in self.transformer.resblocks[: self.first]:
-            x = block(x)
-        for k, (block, extra) in enumerate(
-            zip(self.transformer.resblocks[self.first :], self.branch_proj, strict=True)
-        ):
-            x = x + block.ls_1(block.attention(block.ln_1(x)))
-            hidden = block.mlp.gelu(block.mlp.c_fc(block.ln_2(x)))
-            projections = [block.mlp.c_proj, *extra]
-            if k == 0:  # fork: each stream adds its own projection of the shared hidden state
-                x = torch.stack([x + block.ls_2(p(hidden)) for p in projections], dim=1).flatten(0, 1)
-            else:
-                hidden = hidden.unflatten(0, (batch, m))
-                update = torch.stack([p(hidden[:, i]) for i, p in enumerate(projections)], dim=1)
-                x = x + block.ls_2(update.flatten(0, 1))
-        pooled = x.unflatten(0, (batch, m))[:, :, 0]
+            x = self._maybe_checkpointed(block, x)
+        for k in range(len(self.branch_proj)):
+            x = self._maybe_checkpointed(self._branch_block, k, x)
+        pooled = x.unflatten(0, (batch, self.count))[:, :, 0]
         return self.ln_post(pooled) @ self.proj
 
 

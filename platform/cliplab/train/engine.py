@@ -13,9 +13,11 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from cliplab.config import Experiment
+from cliplab.models.compute import compile_blocks, set_grad_checkpointing
 from cliplab.objectives.registry import Objective
 
 NO_DECAY_HINTS = ("bias", "ln", "norm", "bn", "logit_scale", "positional_embedding", "class_embedding")
@@ -71,10 +73,34 @@ def lr_lambda(exp: Experiment):
     return factor
 
 
-def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> deepspeed.DeepSpeedEngine:
-    """Wrap the model with a torch AdamW (no fused CUDA op needed) and a warmup+cosine schedule."""
+def optimizer_kind(exp: Experiment) -> str:
+    """`compute.optimizer` resolved: auto is DeepSpeed's FusedAdam on GPU runs and torch AdamW on CPU runs."""
+    choice = exp.compute.optimizer
+    if choice == "auto":
+        return "fused" if exp.scaling.use_gpu else "torch"
+    return choice
+
+
+def build_optimizer(model: torch.nn.Module, exp: Experiment) -> torch.optim.Optimizer:
+    """AdamW over open_clip's decay groups: torch's, or DeepSpeed's FusedAdam (one multi-tensor CUDA kernel)."""
     o = exp.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    groups = param_groups(model, o.weight_decay)
+    if optimizer_kind(exp) == "fused":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> deepspeed.DeepSpeedEngine:
+    """Wrap the model with AdamW (`compute.optimizer`) and a warmup+cosine schedule, then apply `compute`.
+
+    Checkpointing is switched on before `deepspeed.initialize`; `compute.compile` runs after it, in place, so
+    the compiled graphs see the engine's dtype, device and hooks and every parameter keeps its name. The
+    backend is the accelerator's (inductor unless `get_accelerator().set_compile_backend` chose another).
+    """
+    set_grad_checkpointing(model, exp.compute.grad_checkpointing)
+    optimizer = build_optimizer(model, exp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(exp))
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(exp, world_size)
@@ -83,6 +109,11 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
     for buffer in engine.module.buffers():  # DeepSpeed casts parameters only; batch-norm statistics must follow
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
+    backend = get_accelerator().get_compile_backend()  # read now: engine.compile's default was bound at import
+    if exp.compute.compile == "model":
+        engine.compile(backend=backend)  # DeepSpeed 0.19.8: `engine.module.compile(backend=...)`, in place
+    elif exp.compute.compile == "blocks":
+        compile_blocks(engine.module, backend=backend)
     return engine
 
 

@@ -38,10 +38,13 @@ def training_flops_per_sample(model: torch.nn.Module, objective: Any, batch: dic
 
     The forward is the objective's own (`embed`): extra views or caption slots count.
     Counted in eval mode so that batch-norm statistics are not touched; None where the counter fails.
+    Counted eagerly under `compute.compile`: this eval, no-grad call would otherwise compile graphs of its own,
+    and the count must not depend on how dynamo treats the counter's dispatch mode. The recompute of
+    `compute.grad_checkpointing` is not counted (a no-grad forward runs once), so MFU stays model FLOPs utilisation.
     """
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             objective.embed(model, batch)
     except RuntimeError as exc:
         log.warning("FLOP counting failed (%s); tflops_per_s and mfu are not reported", exc)
