@@ -168,6 +168,9 @@ class ComputeSection(Strict):
     compile: Literal["none", "model", "blocks"] = Field(
         "none", description="torch.compile: none, the whole model, or each transformer block (regional)"
     )
+    compile_backend: str | None = Field(
+        None, description="torch.compile backend (e.g. inductor, aot_eager); default: the accelerator's, inductor"
+    )
     grad_checkpointing: bool = Field(False, description="recompute every tower's block activations in backward")
     optimizer: Literal["auto", "torch", "fused"] = Field(
         "auto", description="AdamW kernel: auto = DeepSpeed FusedAdam on GPU, torch AdamW on CPU"

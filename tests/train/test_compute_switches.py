@@ -7,8 +7,7 @@ import copy
 import open_clip.transformer
 import pytest
 import torch
-from deepspeed.accelerator import get_accelerator
-from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.backends.registry import lookup_backend, register_backend
 
 import cliplab.models.branches
 from cliplab.config import ModelConfig, validate_tree
@@ -27,6 +26,16 @@ BRANCHES = {
     "cls": {"design": "cls", "count": 2},
     "mlp": {"design": "mlp", "count": 2, "mlp_blocks": 1},
 }
+
+
+COUNTING_BACKEND = "cliplab_test_counting"
+GRAPHS: list[torch.fx.GraphModule] = []
+
+
+@register_backend(name=COUNTING_BACKEND)
+def _counting(gm: torch.fx.GraphModule, inputs: list) -> object:
+    GRAPHS.append(gm)
+    return lookup_backend("aot_eager")(gm, inputs)
 
 
 def experiment(compute: dict | None = None, use_gpu: bool = False, **deepspeed) -> object:
@@ -136,12 +145,11 @@ def test_compiled_model_gives_the_eager_loss_and_gradients(mode: str, branches: 
 
 
 @pytest.mark.parametrize("mode", ["model", "blocks"])
-def test_deepspeed_engine_steps_with_compile_and_checkpointing(mode: str, process_group, monkeypatch) -> None:
-    """build_engine's path through DeepSpeed's hooks; aot_eager (inductor codegen on CPU costs minutes cold)."""
-    accelerator = get_accelerator()
-    monkeypatch.setattr(accelerator, "_compile_backend", accelerator.get_compile_backend())  # restored after
-    accelerator.set_compile_backend("aot_eager")
-    exp = experiment({"compile": mode, "grad_checkpointing": True})
+def test_deepspeed_engine_steps_with_compile_and_checkpointing(mode: str, process_group) -> None:
+    """build_engine's path through DeepSpeed's hooks on `compute.compile_backend` (a counting aot_eager here:
+    inductor's codegen on CPU costs minutes cold)."""
+    exp = experiment({"compile": mode, "compile_backend": COUNTING_BACKEND, "grad_checkpointing": True})
+    GRAPHS.clear()
     torch.manual_seed(0)
     model, _ = build_model(exp.model)
     reference = copy.deepcopy(model)
@@ -155,3 +163,4 @@ def test_deepspeed_engine_steps_with_compile_and_checkpointing(mode: str, proces
         torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for name, param in engine.module.named_parameters():
         torch.testing.assert_close(param, dict(eager_engine.module.named_parameters())[name], msg=name)
+    assert GRAPHS, "compute.compile_backend was not the backend used"

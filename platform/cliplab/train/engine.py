@@ -97,7 +97,7 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
 
     Checkpointing is switched on before `deepspeed.initialize`; `compute.compile` runs after it, in place, so
     the compiled graphs see the engine's dtype, device and hooks and every parameter keeps its name. The
-    backend is the accelerator's (inductor unless `get_accelerator().set_compile_backend` chose another).
+    backend is `compute.compile_backend`, else the accelerator's (inductor unless `set_compile_backend` chose another).
     """
     set_grad_checkpointing(model, exp.compute.grad_checkpointing)
     optimizer = build_optimizer(model, exp)
@@ -109,7 +109,8 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
     for buffer in engine.module.buffers():  # DeepSpeed casts parameters only; batch-norm statistics must follow
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
-    backend = get_accelerator().get_compile_backend()  # read now: engine.compile's default was bound at import
+    # read now: engine.compile's default was bound at import
+    backend = exp.compute.compile_backend or get_accelerator().get_compile_backend()
     if exp.compute.compile == "model":
         engine.compile(backend=backend)  # DeepSpeed 0.19.8: `engine.module.compile(backend=...)`, in place
     elif exp.compute.compile == "blocks":
