@@ -10,8 +10,9 @@ count per sample (one model for every side) times samples/s over the device's pe
 (`cliplab.train.throughput.PEAK_FLOPS`). One run per side, not interleaved pairs: the whole script has to
 fit in 8 minutes of a lent GPU; `benchmarks/run.py` is the interleaved A/B runner.
 
---smoke runs the same sides on CPU with the demo's tiny model, 64 px and a few steps (no peak, so no MFU):
-the suite runs it, so the script cannot rot on a machine without a GPU.
+--smoke runs the same sides on CPU with the demo's tiny model, 64 px and a few steps (no peak, so no MFU),
+compiling with aot_eager (the compile path without inductor's codegen, minutes cold on 2 cores): the suite
+runs it, so the script cannot rot on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Setting:
     precision: str
     gpu: bool
     loader_workers: int
+    compile_backend: str | None = None
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Side:
 
 def settings(smoke: bool) -> Setting:
     if smoke:
-        return Setting(SMALL_MODEL, 64, 8, "fp32", gpu=False, loader_workers=1)
+        return Setting(SMALL_MODEL, 64, 8, "fp32", gpu=False, loader_workers=1, compile_backend="aot_eager")
     return Setting("ViT-B-32", 224, 256, "bf16", gpu=True, loader_workers=min(8, max(1, (os.cpu_count() or 2) - 4)))
 
 
@@ -82,6 +84,8 @@ def cliplab_tree(w: Workload, s: Setting, name: str, overrides: list[str]) -> di
     tree["model"] = {"name": s.model} if isinstance(s.model, str) else {"config": s.model}
     tree["data"].update(num_workers=s.loader_workers, crop_scale=[0.9, 1.0])
     tree["scaling"].update(use_gpu=s.gpu, gpus_per_worker=1 if s.gpu else 0)
+    if s.compile_backend:
+        tree["compute"] = {"compile_backend": s.compile_backend}
     return apply_overrides(tree, overrides)
 
 

@@ -33,5 +33,8 @@ def test_gpu_benchmark_smoke_trains_every_side_and_prints_the_table(tmp_path: Pa
     assert all(s["samples_per_s"] > 0 and s["startup_s"] > 0 for s in sides)
     assert sides[0]["flops_per_sample"] > 0  # read from cliplab's progress lines: MFU on a GPU depends on it
     compiled = yaml.safe_load((work / "cliplab-compiled-GPU-decode.yaml").read_text())
-    assert compiled["compute"]["compile"] == "model" and compiled["data"]["decode"] == "device"
+    assert (
+        compiled["compute"] == {"compile_backend": "aot_eager", "compile": "model"}
+        and compiled["data"]["decode"] == "device"
+    )
     assert "vs open_clip_train" in proc.stdout and "goal: cliplab compiled + GPU decode" in proc.stdout
