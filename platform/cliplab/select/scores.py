@@ -20,7 +20,9 @@ import torch
 CHUNK = 8192  # rows per matmul chunk for CLIPScore / NormSim
 
 
-def _rows(x: np.ndarray, start: int, stop: int, device: torch.device) -> torch.Tensor:
+def _rows(x: np.ndarray | torch.Tensor, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):  # already placed (a scoring actor's target on its device)
+        return x[start:stop].to(device=device, dtype=torch.float32)
     return torch.from_numpy(np.ascontiguousarray(x[start:stop])).to(device=device, dtype=torch.float32)
 
 
@@ -113,7 +115,11 @@ s_clip_loss = neg_clip_loss  # the later name of the same score (spec ambiguity 
 
 
 def norm_sim(
-    image: np.ndarray, target: np.ndarray, p: float, device: torch.device | None = None, chunk: int = CHUNK
+    image: np.ndarray,
+    target: np.ndarray | torch.Tensor,
+    p: float,
+    device: torch.device | None = None,
+    chunk: int = CHUNK,
 ) -> np.ndarray:
     """NormSim_p(i) = ||G v_i||_p over the target image embeddings G (spec eq. 4), float32 (N,).
 
