@@ -1,4 +1,4 @@
-"""The Ray Data scoring pass against the in-process scores on the same embedded pool, and the target loaded once per actor."""
+"""The Ray Data scoring pass equals the in-process scores on the same embedded pool; the target loads once per actor."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ import torch
 
 from cliplab.select.config import ScoreConfig, ScoresConfig, normsim_name
 from cliplab.select.pool import PoolIndex, ShardPart, embedding_matrix, read_part
-from cliplab.select.scores import Batches, clip_score, draw_batches, normaliser, norm_sim
+from cliplab.select.scores import Batches, clip_score, draw_batches, norm_sim, normaliser
 
 log = logging.getLogger("cliplab.select")
 READ_CHUNK = 4096  # rows per block out of a read task
@@ -98,7 +98,7 @@ class ScoreActor:
 
 @dataclass(frozen=True)
 class Plan:
-    """The K partitions of the pool: batch id per (repeat, row), filler rows of each ragged batch, batches per repeat."""
+    """The K partitions: batch id per (repeat, row), each ragged batch's filler rows, batches per repeat."""
 
     batch: np.ndarray  # (K, n) int32
     fillers: list[np.ndarray]
@@ -120,7 +120,7 @@ def plan_partitions(n: int, batch_size: int, repeats: int, seed: int) -> Plan:
 
 
 def to_batches(batch: dict[str, np.ndarray], plan: ray.ObjectRef) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data map UDF: each row once per repeat keyed (repeat, batch); a ragged batch's fillers once more, not counted."""
+    """Ray Data map UDF: each row once per repeat, keyed (repeat, batch); ragged-batch fillers again, uncounted."""
     p: Plan = ray.get(plan)
     idx = batch["idx"]
     for k in range(len(p.batch)):
