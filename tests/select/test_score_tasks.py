@@ -81,13 +81,14 @@ def test_partition_plan_is_draw_batches() -> None:
         assert sorted(plan.fillers[k]) == sorted(drawn[-1][0][drawn[-1][1] :]) and len(plan.fillers[k]) == 7
 
 
-@pytest.mark.parametrize("batch_size, repeats", [(8, 3), (64, 2)])  # ragged |B| < n, and |B| >= n
-def test_ray_scores_equal_the_in_process_scores(ray_local, embedded, batch_size, repeats) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size, repeats, actors", [(8, 3, 2), (64, 2, 1)])  # ragged |B| < n; |B| >= n
+def test_ray_scores_equal_the_in_process_scores(ray_local, embedded, batch_size, repeats, actors) -> None:
     image, text, target = embedded["image"], embedded["text"], embedded["target_image"]
     cfg = ScoresConfig(
         tau=0.01, negclip=NegClipConfig(batch_size=batch_size, repeats=repeats, seed=4), normsim_p=[2, "inf"]
     )
-    res = ScoreConfig(actors=1, cpus_per_actor=0.5, cpus_per_read=0.5, batch_size=5, gpus_per_actor=0)
+    res = ScoreConfig(actors=actors, cpus_per_actor=0.5, cpus_per_read=0.5, batch_size=5, gpus_per_actor=0)
     out = score_pool(embedded["pool"], embedded["target"], cfg, 0.01, res)
 
     assert set(out.scores) == {"clipscore", "negclip", "normsim_2", "normsim_inf"}
@@ -98,10 +99,11 @@ def test_ray_scores_equal_the_in_process_scores(ray_local, embedded, batch_size,
     expected, batches = neg_clip_loss(image, text, 0.01, batch_size, repeats, 4)
     np.testing.assert_allclose(out.scores["negclip"], expected, rtol=0, atol=1e-5)
     assert out.batches == batches and batches.batch_size == min(batch_size, 33)
-    # 33 rows in batches of 5: several calls per actor, yet each actor loaded the target exactly once
-    assert len(out.target_loads) == 1 and set(out.target_loads.values()) == {1}
+    # 33 rows in calls of 5 rows: more calls than actors, yet each actor loaded the target exactly once
+    assert 1 <= len(out.target_loads) <= actors and set(out.target_loads.values()) == {1}
 
 
+@pytest.mark.slow
 def test_a_marker_disagreeing_with_its_file_is_refused(ray_local, embedded) -> None:
     pool = embedded["pool"]
     marker = Path(output_paths(pool.out, pool.parts[0].url)[1])
