@@ -82,4 +82,8 @@ def score_one_size(folder: str, settings: dict[str, Any]) -> dict[str, Any]:
         "driver_peak_rss_mib": _maxrss_mib(),
         "worker_peak_rss_mib": max(peaks.by_role().values(), default=0.0),
         "role_peak_rss_mib": peaks.by_role(),
+        "workers": [
+            {"pid": w.pid, "role": w.role(), "peak_rss_mib": w.peak_mib, "titles": sorted(w.titles)}
+            for w in peaks.workers.values()
+        ],
     }
