@@ -17,7 +17,7 @@ shard's offset plus the row's position in the file: the order the negCLIPLoss pa
   returns only (row, R term) pairs of the counted rows, which the driver averages per row.
 
 Everything that reaches the driver is a row index with float scores; the shuffle moves K copies of
-the pool's embeddings (plus |B| - r filler rows per repeat) between workers.
+the pool's embeddings (plus |B| - r filler rows per repeat when |B| does not divide n) between workers.
 """
 
 from __future__ import annotations
