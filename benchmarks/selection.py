@@ -14,7 +14,7 @@ Two stages of `cliplab select`, each size in a fresh process so that no peak car
   `--cpus` CPUs: CLIPScore + NormSim_inf in `--actors` scoring actors, then negCLIPLoss (K partitions regrouped
   by a groupby over their batches). Samples/s per pass over its wall time (Ray Data's start-up included);
   peak RSS per worker role (actor: the scoring and normaliser actors; read: the read tasks; shuffle: Ray
-  Data's hash-shuffle aggregators) and the driver's.
+  Data's hash-shuffle map and reduce tasks) and the driver's.
 
 Ratios: samples/s against the first size (1.0 = linear scaling), and peak RSS against the first size next to
 the size ratio; memory bounded by shard, chunk and batch sizes rather than by N shows as a peak ratio near 1
