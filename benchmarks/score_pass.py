@@ -1,54 +1,89 @@
-"""Selection scoring on one pool of random unit embeddings, measured: best seconds per score and peak RSS.
+"""One scoring pass, measured: a fresh local Ray and the selection job's own Ray Data scoring (score_tasks.py).
 
-The pool is written as float16 `.npy` memmaps, as `cliplab.select.pool.load_pool` leaves them, and scored in a
-fresh process per size (one scoring worker, as the selection job's driver is): CLIPScore, negCLIPLoss (K
-partitions into batches of |B|) and NormSim_inf against a target set. The peak RSS counts the memmap pages the
-worker touched.
+The pool is random unit embeddings written as the embedding pass leaves them (one parquet file and completion
+marker per shard, `embed.write_output`), and so is the NormSim target. The pass is what `cliplab select` runs for
+its stage 3: `pool.index_pool`, then `score_tasks.score_pool` (CLIPScore and NormSim_inf in an actor pool,
+negCLIPLoss by a groupby over the K partitions' batches). Run it in a fresh process per pool size: the
+driver's and the workers' peaks are then that size's alone.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import ray
+
+from cliplab.runtime import start_local_ray
+from cliplab.select.config import NegClipConfig, ScoreConfig, ScoresConfig
+from cliplab.select.embed import write_output
+from cliplab.select.pool import index_pool
+from cliplab.select.score_tasks import score_pool
+from worker_peaks import WorkerPeaks
 
 
-def unit_memmap(path: Path, n: int, dim: int, seed: int) -> None:
-    """n random unit vectors as a float16 memmap, written in chunks (the pool never sits in memory whole)."""
-    out = np.lib.format.open_memmap(path, "w+", np.float16, (n, dim))
+def write_embedded(folder: Path, n: int, dim: int, per_shard: int, seed: int) -> list[str]:
+    """n random unit image/text embedding pairs as shard outputs of `per_shard` rows; the shard URLs (made up)."""
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    for s in range(0, n, 65536):
-        x = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
-        out[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    out.flush()
+    urls = []
+    for s, start in enumerate(range(0, n, per_shard)):
+        rows = min(per_shard, n - start)
+        url = f"file:///bench/{s:05d}.tar"
+        emb = rng.standard_normal((2, rows, dim), dtype=np.float32)
+        emb /= np.linalg.norm(emb, axis=2, keepdims=True)
+        part = {
+            "uid": np.array([f"{start + i:032x}" for i in range(rows)], dtype=object),
+            "key": np.array([f"{i:06d}" for i in range(rows)], dtype=object),
+            "shard": np.array([url] * rows, dtype=object),
+            "caption": np.array([""] * rows, dtype=object),
+            "noisy": np.full(rows, -1, dtype=np.int8),
+            "image_emb": emb[0].astype(np.float16),
+            "text_emb": emb[1].astype(np.float16),
+        }
+        write_output(str(folder), url, [part], 0)
+        urls.append(url)
+    return urls
 
 
-def _best_of(trials: int, fn: Callable[[], object]) -> float:
-    """The fastest of `trials` timed calls (the machine may be shared: the minimum is the least disturbed)."""
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def score_one_size(folder: str, batch: int, repeats: int, threads: int, trials: int) -> dict[str, float]:
-    """Score the pool memmapped in `folder` in this process: best seconds per stage and peak RSS in MiB."""
-    import torch
-
-    from cliplab.select.scores import clip_score, neg_clip_loss, norm_sim
-
-    torch.set_num_threads(threads)
-    # r+ as load_pool's memmaps are writable; nothing is written
-    image, text, tgt = (np.load(Path(folder) / f"{k}.npy", mmap_mode="r+") for k in ("image", "text", "target"))
-    neg_clip_loss(image[:256], text[:256], 0.01, 128, 1, 0)  # warm-up: torch's thread pool and kernels
-    out: dict[str, float] = {"rss_before_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    out["clipscore_s"] = _best_of(trials, lambda: clip_score(image, text))
-    out["negclip_s"] = _best_of(trials, lambda: neg_clip_loss(image, text, 0.01, batch, repeats, 0))
-    out["normsim_inf_s"] = _best_of(trials, lambda: norm_sim(image, tgt, float("inf")))
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+def score_one_size(folder: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Score the pool and target written under `folder` on a new local Ray: seconds per pass, samples/s, peaks."""
+    root = Path(folder)
+    start_local_ray(num_cpus=settings["cpus"], include_dashboard=False, log_to_driver=False)
+    try:
+        pool = index_pool(str(root / "pool"), settings["pool_urls"], "pool")
+        target = index_pool(str(root / "target"), settings["target_urls"], "target")
+        negclip = NegClipConfig(batch_size=settings["batch"], repeats=settings["repeats"])
+        scores = ScoresConfig(tau=0.01, negclip=negclip, normsim_p=["inf"])
+        res = ScoreConfig(actors=settings["actors"], cpus_per_actor=1.0, cpus_per_read=0.5, gpus_per_actor=0)
+        driver_before, load_before = _maxrss_mib(), os.getloadavg()[0]
+        with WorkerPeaks() as peaks:
+            t0 = time.perf_counter()
+            result = score_pool(pool, target, scores, 0.01, res)
+            seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    n = len(pool)
+    return {
+        "samples": n,
+        "seconds": seconds,
+        "pass_s": result.seconds,
+        "samples_per_s": {k: n / v for k, v in result.seconds.items()},
+        "load_1min": [load_before, os.getloadavg()[0]],
+        "driver_rss_before_mib": driver_before,
+        "driver_peak_rss_mib": _maxrss_mib(),
+        "worker_peak_rss_mib": max(peaks.by_role().values(), default=0.0),
+        "role_peak_rss_mib": peaks.by_role(),
+        "workers": [
+            {"pid": w.pid, "role": w.role(), "peak_rss_mib": w.peak_mib, "titles": sorted(w.titles)}
+            for w in peaks.workers.values()
+        ],
+    }

@@ -9,8 +9,12 @@ Two stages of `cliplab select`, each size in a fresh process so that no peak car
   timed). Peak RSS: each Ray worker's kernel high-water mark (VmHWM, worker_peaks.py) and the driver's ru_maxrss.
   By default read tasks ask for 0.5 CPU and the actor for 1, so Ray Data does not fuse them and reading,
   decoding and embedding each show up in their own workers.
-- score: CLIPScore, negCLIPLoss and NormSim_inf on random unit embeddings as float16 memmaps (score_pass.py), in
-  one scoring worker as the job's driver; samples/s best of `--trials` runs.
+- score: the Ray Data scoring pass (`cliplab.select.score_tasks.score_pool`, the job's stage 3, score_pass.py) on
+  random unit embeddings written as the embedding pass's per-shard parquet outputs, on a new local Ray of
+  `--cpus` CPUs: CLIPScore + NormSim_inf in `--actors` scoring actors, then negCLIPLoss (K partitions regrouped
+  by a groupby over their batches). Samples/s per pass over its wall time (Ray Data's start-up included);
+  peak RSS per worker role (actor: the scoring and normaliser actors; read: the read tasks; shuffle: Ray
+  Data's hash-shuffle map and reduce tasks) and the driver's.
 
 Ratios: samples/s against the first size (1.0 = linear scaling), and peak RSS against the first size next to
 the size ratio; memory bounded by shard, chunk and batch sizes rather than by N shows as a peak ratio near 1
@@ -33,10 +37,10 @@ from typing import Any
 
 from embed_inputs import write_pool, write_teacher
 from embed_pass import embed_one_size
-from score_pass import score_one_size, unit_memmap
+from score_pass import score_one_size, write_embedded
 
 SMOKE_SIZES = [200, 400]
-SCORES = ("clipscore", "negclip", "normsim_inf")
+PASSES = ("score_clipscore_normsim", "score_negclip")
 
 
 def _child(fn: Any, args: tuple, queue: mp.Queue) -> None:
@@ -104,36 +108,49 @@ def print_embed_table(sizes: list[int], out: dict[str, Any]) -> None:
 
 
 def score_sizes(args: argparse.Namespace) -> dict[str, Any]:
-    """Score a pool of random unit embeddings of each size; per size best seconds per score and the peak RSS."""
+    """Score a pool of random unit embeddings of each size; per size seconds and samples/s per pass and the peaks."""
+    settings = {k: getattr(args, k) for k in ("dim", "batch", "repeats", "target", "cpus", "actors", "per_shard")}
     results: dict[str, Any] = {}
     for n in args.sizes:
-        with tempfile.TemporaryDirectory(prefix="cliplab-bench-select-") as tmp:
-            for name, rows, seed in (("image", n, 0), ("text", n, 1), ("target", args.target, 2)):
-                unit_memmap(Path(tmp) / f"{name}.npy", rows, args.dim, seed)
-            results[str(n)] = _in_fresh_process(
-                score_one_size, tmp, args.batch, args.repeats, args.threads, args.trials
-            )
-        print(f"size {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[str(n)].items()), flush=True)
-    settings = ("dim", "batch", "repeats", "target", "threads", "trials")
-    return {"settings": {k: getattr(args, k) for k in settings}, "sizes": results}
+        with tempfile.TemporaryDirectory(prefix="cliplab-bench-score-") as tmp:
+            run = {
+                **settings,
+                "pool_urls": write_embedded(Path(tmp) / "pool", n, args.dim, args.per_shard, 0),
+                "target_urls": write_embedded(Path(tmp) / "target", args.target, args.dim, args.per_shard, 1),
+            }
+            r = results[str(n)] = _in_fresh_process(score_one_size, tmp, run)
+        print(
+            f"size {n}: {r['seconds']:.1f}s, samples/s "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r["samples_per_s"].items())
+            + f", worker peaks MiB {', '.join(f'{k} {v:.0f}' for k, v in sorted(r['role_peak_rss_mib'].items()))}"
+            + f", driver {r['driver_peak_rss_mib']:.0f}; load {r['load_1min'][0]:.1f} -> {r['load_1min'][1]:.1f}",
+            flush=True,
+        )
+    return {"settings": settings, "sizes": results}
 
 
 def print_score_table(sizes: list[int], out: dict[str, Any]) -> None:
-    """Samples/s per score and the worker's peak RSS per size, each with its ratio to the first size."""
+    """Samples/s per pass and the peak RSS per worker role and of the driver, each with its ratio to the first size."""
     first, s = sizes[0], out["settings"]
     print(
-        f"\nscoring, one worker ({s['threads']} threads), d={s['dim']}, |B|={s['batch']}, K={s['repeats']}, "
-        f"{s['target']} target rows, best of {s['trials']}; ratios against {first} samples"
+        f"\nscoring pass, local Ray of {s['cpus']} CPUs, {s['actors']} actor(s), d={s['dim']}, |B|={s['batch']}, "
+        f"K={s['repeats']}, {s['target']} target rows, {s['per_shard']} rows per shard; ratios against {first} samples"
     )
-    print(f"{'pool':>8}  {'stage':<12}{'samples/s':>11}{'ratio':>7}{'worker peak RSS MiB':>21}{'ratio':>7}")
+    print(
+        f"{'pool':>8}  {'pass':<24}{'samples/s':>11}{'ratio':>7}{'worker peak MiB':>17}{'ratio':>7}"
+        f"{'actor':>8}{'read':>8}{'shuffle':>9}{'driver peak MiB':>17}{'ratio':>7}"
+    )
     base = out["sizes"][str(first)]
     for n in sizes:
         r = out["sizes"][str(n)]
-        for stage in SCORES:
-            rate, base_rate = n / r[f"{stage}_s"], first / base[f"{stage}_s"]
+        roles = r["role_peak_rss_mib"]
+        for stage in PASSES:
+            rate, base_rate = r["samples_per_s"][stage], base["samples_per_s"][stage]
             print(
-                f"{n:>8}  {stage:<12}{rate:>11.0f}{rate / base_rate:>7.2f}"
-                f"{r['peak_rss_mib']:>21.0f}{r['peak_rss_mib'] / base['peak_rss_mib']:>7.2f}"
+                f"{n:>8}  {stage:<24}{rate:>11.0f}{rate / base_rate:>7.2f}"
+                f"{r['worker_peak_rss_mib']:>17.0f}{r['worker_peak_rss_mib'] / base['worker_peak_rss_mib']:>7.2f}"
+                f"{roles.get('actor', 0):>8.0f}{roles.get('read', 0):>8.0f}{roles.get('shuffle', 0):>9.0f}"
+                f"{r['driver_peak_rss_mib']:>17.0f}{r['driver_peak_rss_mib'] / base['driver_peak_rss_mib']:>7.2f}"
             )
 
 
@@ -142,11 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("embed", "score", "all"), default="all")
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 40000, 160000])
-    p.add_argument("--smoke", action="store_true", help=f"sizes {SMOKE_SIZES}, 100 samples per shard, one trial")
+    p.add_argument("--smoke", action="store_true", help=f"sizes {SMOKE_SIZES}, 100 samples per shard")
     p.add_argument("--json", type=Path, help="write every figure here")
     g = p.add_argument_group("embed")
-    g.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs of the local Ray")
-    g.add_argument("--per-shard", type=int, default=1000, help="pool samples per shard")
+    p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs of the local Ray")
+    p.add_argument("--per-shard", type=int, default=1000, help="pool samples per shard (both stages)")
     g.add_argument("--image-size", type=int, default=32, help="SynthScenes image side (the teacher's is 32)")
     g.add_argument("--embed-batch", type=int, default=256, help="embed.batch_size: images per teacher forward")
     g.add_argument("--cpus-per-read", type=float, default=0.5, help="embed.cpus_per_read (1.0: fused into actor)")
@@ -155,11 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch", type=int, default=4096, help="negCLIPLoss |B|")
     g.add_argument("--repeats", type=int, default=2, help="negCLIPLoss K")
     g.add_argument("--target", type=int, default=1000, help="NormSim target set size")
-    g.add_argument("--threads", type=int, default=2, help="torch threads of the scoring worker")
-    g.add_argument("--trials", type=int, default=3, help="timed runs per stage; the fastest counts")
+    g.add_argument("--actors", type=int, default=1, help="score.actors: scoring actors (1 CPU each)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.sizes, args.per_shard, args.trials, args.batch, args.target = SMOKE_SIZES, 100, 1, 128, 100
+        args.sizes, args.per_shard, args.batch, args.target = SMOKE_SIZES, 100, 128, 100
     return args
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-ROLES = (("actor", "MapWorker"), ("read", "read_and_decode"))  # title substring -> role; anything else: other
+# title substring -> role (the embedding pass's, then the scoring pass's); anything else: other
+ROLES = (("actor", "MapWorker"), ("read", "read_and_decode"), ("read", "read_rows"), ("shuffle", "HashShuffle"))
 AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # the node's agents carry `ray::` titles but run no work
 
 
@@ -28,7 +29,7 @@ class Worker:
     titles: set[str] = field(default_factory=set)
 
     def role(self) -> str:
-        """`actor` (the embedding actor), `read` (read + decode tasks) or `other` (idle, Ray Data's own actors)."""
+        """`actor` (embedding or scoring actors), `read` (read tasks), `shuffle` (hash-shuffle tasks) or `other`."""
         for role, needle in ROLES:
             if any(needle in t for t in self.titles):
                 return role

@@ -9,12 +9,12 @@ import pytest
 from cliplab.data.shards import expand_urls
 from cliplab.select.config import EmbedConfig
 from cliplab.select.embed import embed_shards, output_paths
-from cliplab.select.pool import load_pool
+from cliplab.select.pool import embedding_matrix, index_pool, read_meta, read_part
 from cliplab.select.teacher import TeacherSource, inspect
 
 
 @pytest.mark.slow
-def test_embed_pass_counts_skips_and_resumes_without_recompute(ray_local, synth_pool, teacher_export, tmp_path):
+def test_embed_pass_counts_skips_and_resumes_without_recompute(ray_local, synth_pool, teacher_export):
     urls = expand_urls(synth_pool["spec"])
     out = f"s3://{synth_pool['bucket']}/select/embeddings/pool"
     teacher = inspect(TeacherSource(export=str(teacher_export)))
@@ -23,11 +23,13 @@ def test_embed_pass_counts_skips_and_resumes_without_recompute(ray_local, synth_
     first = embed_shards(urls, out, teacher, cfg)
     assert (first.samples, first.skipped_samples) == (29, 1)  # 30 written, one garbage jpg
     assert first.unreadable == [urls[3]] and sorted(first.written) == sorted(urls[:3])
-    pool = load_pool(out, urls, tmp_path / "w1", "pool")
-    uids = pool.meta.column("uid").to_pylist()
-    assert len(uids) == len(set(uids)) == 29
-    assert pool.image.shape == (29, 16) and str(pool.image.dtype) == "float16"
-    assert set(pool.meta.column("noisy").to_pylist()) == {0, 1}
+    pool = index_pool(out, urls, "pool")
+    meta = read_meta(pool)
+    uids = meta.column("uid").to_pylist()
+    assert len(uids) == len(set(uids)) == 29 == len(pool)
+    image = embedding_matrix(read_part(out, pool.parts[0], ["image_emb"]).column("image_emb"))
+    assert image.shape == (10, 16) and str(image.dtype) == "float16"
+    assert set(meta.column("noisy").to_pylist()) == {0, 1}
 
     # an interruption: shard 2's marker never got written and its parquet was left half-written
     fs = fsspec.filesystem("s3")
@@ -40,7 +42,7 @@ def test_embed_pass_counts_skips_and_resumes_without_recompute(ray_local, synth_
     assert sorted(second.resumed) == sorted(urls[:2]) and second.written == [urls[2]]
     assert {u: fs.info(output_paths(out, u)[0])["LastModified"] for u in urls[:2]} == before
     assert (second.samples, second.skipped_samples, second.unreadable) == (29, 1, [urls[3]])
-    again = load_pool(out, urls, tmp_path / "w2", "pool")
-    assert again.meta.column("uid").to_pylist() == uids  # same rows in the same pool order
+    again = read_meta(index_pool(out, urls, "pool"))
+    assert again.column("uid").to_pylist() == uids  # same rows in the same pool order
     with fs.open(parquet, "rb") as f:
         assert pq.read_table(f).num_rows == 10

@@ -80,7 +80,7 @@ def test_select_job_end_to_end(ray_local, synth_pool, teacher_export, mlflow_uri
     assert run.data.tags["cliplab.subset_uri"] == f"{out}/subset.npy"
     assert (m["reshard/shards"], m["reshard/samples"], m["reshard/missing_uids"]) == (2, 5, 1)  # DFN's uid: not here
     assert run.data.tags["cliplab.reshard_shards"] == f"{out}/shards/{{00000..00001}}.tar"
-    for stage in ("embed_pool", "embed_target", "load", "score_clipscore", "score_negclip", "score_normsim_inf"):
+    for stage in ("embed_pool", "embed_target", "load", "score_clipscore_normsim", "score_negclip"):
         assert m[f"speed/{stage}_samples_per_s"] > 0 and m[f"time/{stage}_s"] >= 0, stage
     assert m["speed/embed_pool_samples_per_s"] == pytest.approx(29 / m["time/embed_pool_s"])
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1,9 +1,10 @@
 """The worker group of a selection RayJob (`cluster render --kind select`), sized from the config's `embed`.
 
-The embedding pass is the selection job's only distributed stage: `embed.actors` teacher actors, each with
-`gpus_per_actor` GPUs and `cpus_per_actor` CPUs, fed by read+decode tasks of `cpus_per_read` CPUs each. A
-node holds as many actors as its GPUs allow (`--gpus-per-node`; CPU teachers: as many as the template node's
-CPUs allow), plus one read task's CPUs per actor so that decoding keeps each actor busy, plus 2 CPUs for Ray.
+The embedding pass sizes the group (the scoring pass after it reuses these workers; keep `score.actors`
+within them): `embed.actors` teacher actors, each with `gpus_per_actor` GPUs and `cpus_per_actor` CPUs, fed
+by read+decode tasks of `cpus_per_read` CPUs each. A node holds as many actors as its GPUs allow
+(`--gpus-per-node`; CPU teachers: as many as the template node's CPUs allow), plus one read task's CPUs per
+actor so that decoding keeps each actor busy, plus 2 CPUs for Ray.
 Memory and /dev/shm scale with the node's share of the template node, and with `memory_per_actor_gb` the
 node's memory is at least the actors' heap over 70% (Ray gives 30% of a node's memory to the object store).
 """

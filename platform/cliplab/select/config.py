@@ -144,6 +144,17 @@ class EmbedConfig(Strict):
     memory_per_actor_gb: float | None = Field(None, gt=0, description="heap to reserve per actor (Ray budgets none)")
 
 
+class ScoreConfig(Strict):
+    """The Ray Data scoring pass: read tasks per shard output, CLIPScore/NormSim and negCLIPLoss in actor pools."""
+
+    actors: int = Field(1, ge=1, description="scoring actors per stage (each loads the target once)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="unset: 1 if the Ray cluster has GPUs, else 0")
+    batch_size: int = Field(8192, gt=0, description="rows per CLIPScore/NormSim actor call")
+    cpus_per_read: float = Field(1.0, gt=0, description="CPUs per read task (one per shard output)")
+    memory_per_actor_gb: float | None = Field(None, gt=0, description="heap to reserve per actor (Ray budgets none)")
+
+
 class ReshardConfig(Strict):
     """Write the selected samples as new WebDataset shards (members copied byte for byte)."""
 
@@ -171,6 +182,7 @@ class SelectConfig(Strict):
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     output: str = Field(description="output folder, local or s3://; embeddings are kept there for resuming")
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     reshard: ReshardConfig = Field(default_factory=ReshardConfig)
     tracking: SelectTracking = Field(default_factory=SelectTracking)
 

@@ -1,15 +1,16 @@
-"""The embedded pool as scoring reads it: per-shard parquet outputs concatenated into local memmaps.
+"""The embedded pool as scoring reads it: the complete shard outputs in pool order, their row offsets, metadata.
 
 Rows are in pool order: shards in the order of the pool spec, samples by key inside a shard. That
 order is what the seeded negCLIPLoss partitions index, so scores are reproducible from the config.
-Embeddings go to `.npy` memmaps (float16) in a local work folder, so a pool larger than memory is
-scored out of core; the per-sample metadata stays an in-memory Arrow table.
+Only shards whose completion marker exists count; a shard's global row offset is the sum of the
+markers' row counts before it, so any worker can number its rows without seeing the others. The
+embeddings stay in the per-shard parquet files (read by the scoring tasks, score_tasks.py); the
+driver reads only the per-sample metadata columns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,49 +18,61 @@ import pyarrow.parquet as pq
 
 from cliplab.data.shards import filesystem
 from cliplab.errors import DataError
-from cliplab.select.embed import META, output_paths, read_marker
+from cliplab.select.embed import output_paths, read_marker
+
+META = ("uid", "key", "shard", "noisy")  # what the recipe, scores.parquet and resharding need per sample
 
 
-@dataclass
-class Pool:
-    """Image and text embeddings (N, d) float16 memmaps and the metadata table (uid, key, shard, caption, noisy)."""
+@dataclass(frozen=True)
+class ShardPart:
+    """One complete shard output: its parquet path, its first global row index and its row count."""
 
-    image: np.ndarray
-    text: np.ndarray
-    meta: pa.Table
+    url: str
+    path: str
+    offset: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class PoolIndex:
+    """The complete shards of a pool under `out` (a local folder or s3:// prefix), in pool order."""
+
+    out: str
+    parts: tuple[ShardPart, ...]
 
     def __len__(self) -> int:
-        return len(self.meta)
+        return sum(p.rows for p in self.parts)
 
 
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    flat = column.combine_chunks()
-    return flat.values.to_numpy(zero_copy_only=False).reshape(len(flat), -1)
-
-
-def load_pool(out: str, urls: list[str], workdir: Path, name: str) -> Pool:
-    """Concatenate the complete shard outputs of `urls` under `out` (shards without output are left out)."""
-    fs = filesystem(out)[0]
-    done = [(u, m["rows"]) for u in urls if (m := read_marker(out, u)) is not None and m["rows"]]
-    if not done:
+def index_pool(out: str, urls: list[str], name: str) -> PoolIndex:
+    """The complete shard outputs of `urls` under `out`, offsets from their markers (shards without output left out)."""
+    parts, at = [], 0
+    for url in urls:
+        marker = read_marker(out, url)
+        if marker is None or not marker["rows"]:
+            continue
+        parts.append(ShardPart(url, output_paths(out, url)[0], at, marker["rows"]))
+        at += marker["rows"]
+    if not parts:
         raise DataError(f"{out}: no embedded shard to score (every shard of the {name} was unreadable)")
-    n = sum(rows for _, rows in done)
-    workdir.mkdir(parents=True, exist_ok=True)
-    image = text = None
-    metas, at = [], 0
-    for url, rows in done:
-        with fs.open(output_paths(out, url)[0], "rb") as f:
-            table = pq.read_table(f)
-        if len(table) != rows:
-            raise DataError(f"{url}: embedding output has {len(table)} rows, its marker says {rows}")
-        v, t = _matrix(table.column("image_emb")), _matrix(table.column("text_emb"))
-        if image is None:
-            shape = (n, v.shape[1])
-            image = np.lib.format.open_memmap(workdir / f"{name}_image.npy", "w+", np.float16, shape)
-            text = np.lib.format.open_memmap(workdir / f"{name}_text.npy", "w+", np.float16, shape)
-        image[at : at + rows], text[at : at + rows] = v, t
-        metas.append(table.select(list(META)))
-        at += rows
-    image.flush()
-    text.flush()
-    return Pool(image, text, pa.concat_tables(metas))
+    return PoolIndex(out, tuple(parts))
+
+
+def read_part(out: str, part: ShardPart, columns: list[str]) -> pa.Table:
+    """The `columns` of one shard output, checked against its marker's row count."""
+    with filesystem(out)[0].open(part.path, "rb") as f:
+        table = pq.read_table(f, columns=columns)
+    if len(table) != part.rows:
+        raise DataError(f"{part.url}: embedding output has {len(table)} rows, its marker says {part.rows}")
+    return table
+
+
+def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list embedding column as an (n, d) float16 array."""
+    flat = column.combine_chunks()
+    return flat.values.to_numpy(zero_copy_only=False).reshape(len(flat), -1).astype(np.float16, copy=False)
+
+
+def read_meta(index: PoolIndex) -> pa.Table:
+    """The per-sample metadata (uid, key, shard, noisy) of the whole pool in pool order, without embeddings."""
+    return pa.concat_tables([read_part(index.out, p, list(META)) for p in index.parts])

@@ -11,18 +11,22 @@ The MLflow run (experiment `tracking.experiment`, default cliplab-select) gets t
 |B| (requested and used), seed, fractions and pool size as params; pool size, samples kept after
 each step, skipped samples and unreadable shards as metrics; seconds and samples/s per stage
 (`time/<stage>_s`, `speed/<stage>_samples_per_s`: embedding the pool and the target (samples
-embedded by this pass; absent when every shard was resumed), loading the embeddings, each score,
-the recipe); histograms of every score and a score-vs-score scatter (selected against rejected,
-noisy captions marked) as PNGs; and, when every pool sample has a json `noisy` flag (SynthScenes),
-precision and recall of *rejecting* noisy samples. Scoring runs in the driver process, on its GPU
-when it has one.
+embedded by this pass; absent when every shard was resumed), `load` (the shards' markers and the
+metadata), `score_clipscore_normsim` and `score_negclip` (the two scoring passes), the recipe);
+histograms of every score and a score-vs-score scatter (selected against rejected, noisy captions
+marked) as PNGs; and, when every pool sample has a json `noisy` flag (SynthScenes), precision and
+recall of *rejecting* noisy samples.
+
+Scoring (spec eqs. 1, 3, 4) runs on Ray Data (score_tasks.py), on the cluster's workers and GPUs:
+the embeddings are read from the parquet outputs by the workers, never by the driver, which gets
+only per-sample scalars (row index, scores) and the metadata (uid, key, shard, noisy) for the global
+selection, so the job runs unchanged on a laptop's local Ray and on a KubeRay cluster.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,20 +36,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import yaml
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from cliplab.data.shards import expand_urls, filesystem
 from cliplab.select import uids as U
-from cliplab.select.config import SelectConfig, normsim_name
+from cliplab.select.config import SelectConfig
 from cliplab.select.embed import embed_shards
 from cliplab.select.plots import score_histograms, score_scatter
-from cliplab.select.pool import Pool, load_pool
+from cliplab.select.pool import PoolIndex, index_pool, read_meta
 from cliplab.select.recipes import apply_chain, combine
 from cliplab.select.reshard import reshard
-from cliplab.select.scores import clip_score, neg_clip_loss, norm_sim
+from cliplab.select.score_tasks import score_pool
 from cliplab.select.teacher import TeacherInfo, inspect, resolve
 from cliplab.tracking.figures import log_figure
 from cliplab.tracking.mlflow import RunLogger, experiment_id, git_commit, resolve_tracking_uri
@@ -76,39 +79,28 @@ def stage_speed(metrics: dict[str, float], stage: str, samples: int, seconds: fl
 
 
 def compute_scores(
-    cfg: SelectConfig, pool: Pool, target: Pool | None, tau: float, device: torch.device
+    cfg: SelectConfig, pool: PoolIndex, target: PoolIndex | None, tau: float
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, float]]:
-    """Every configured score of the pool (clipscore, negclip, normsim_*), the batching used, time per score."""
+    """Every configured score of the pool on Ray Data (score_tasks.py), the batching used, time per pass."""
+    n = len(pool)
+    result = score_pool(pool, target, cfg.scores, tau, cfg.score)
     speed: dict[str, float] = {}
-    t0 = time.perf_counter()
-    scores = {"clipscore": clip_score(pool.image, pool.text, device)}
-    stage_speed(speed, "score_clipscore", len(pool), time.perf_counter() - t0)
+    for stage, seconds in result.seconds.items():
+        stage_speed(speed, stage, n, seconds)
     used: dict[str, Any] = {}
     nc = cfg.scores.negclip
-    if nc is not None:
-        t0 = time.perf_counter()
-        scores["negclip"], batches = neg_clip_loss(
-            pool.image, pool.text, tau, nc.batch_size, nc.repeats, nc.seed, device
-        )
-        stage_speed(speed, "score_negclip", len(pool), time.perf_counter() - t0)
-        used["negclip.batch_size_used"] = batches.batch_size
+    if nc is not None and result.batches is not None:
+        used["negclip.batch_size_used"] = result.batches.batch_size
         log.info(
             "select: negCLIPLoss, K=%d, |B|=%d (asked %d), %.1fs",
             nc.repeats,
-            batches.batch_size,
+            result.batches.batch_size,
             nc.batch_size,
             speed["time/score_negclip_s"],
         )
-        if batches.batch_size < nc.batch_size:
-            log.warning(
-                "select: pool of %d < |B| = %d: one batch, the whole pool (deterministic)", len(pool), nc.batch_size
-            )
-    if target is not None:
-        for p in cfg.scores.normsim_p:
-            t0 = time.perf_counter()
-            scores[normsim_name(p)] = norm_sim(pool.image, target.image, math.inf if p == "inf" else float(p), device)
-            stage_speed(speed, f"score_{normsim_name(p)}", len(pool), time.perf_counter() - t0)
-    return scores, used, speed
+        if result.batches.batch_size < nc.batch_size:
+            log.warning("select: pool of %d < |B| = %d: one batch, the whole pool (deterministic)", n, nc.batch_size)
+    return result.scores, used, speed
 
 
 def noisy_metrics(noisy: np.ndarray, selected: np.ndarray) -> dict[str, float]:
@@ -150,10 +142,10 @@ def _log_params(run_logger: RunLogger, params: dict[str, Any]) -> None:
 
 
 def _write_scores(
-    url: str, pool: Pool, scores: dict[str, np.ndarray], kept: list[np.ndarray], selected: np.ndarray
+    url: str, meta: pa.Table, scores: dict[str, np.ndarray], kept: list[np.ndarray], selected: np.ndarray
 ) -> None:
-    n = len(pool)
-    cols: dict[str, Any] = {k: pool.meta.column(k) for k in ("uid", "key", "shard", "noisy")}
+    n = len(meta)
+    cols: dict[str, Any] = {k: meta.column(k) for k in ("uid", "key", "shard", "noisy")}
     cols.update({k: pa.array(v) for k, v in scores.items()})
     for i, idx in enumerate(kept, 1):
         mask = np.zeros(n, dtype=bool)
@@ -210,22 +202,22 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
         )
         metrics.update(stats.metrics("target"))
         stage_speed(metrics, "embed_target", stats.embedded, time.perf_counter() - t0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="cliplab-select-") as work:
         t0 = time.perf_counter()
-        pool = load_pool(f"{out}/embeddings/pool", pool_urls, Path(work), "pool")
-        target = load_pool(f"{out}/embeddings/target", target_urls, Path(work), "target") if target_urls else None
+        pool = index_pool(f"{out}/embeddings/pool", pool_urls, "pool")
+        target = index_pool(f"{out}/embeddings/target", target_urls, "target") if target_urls else None
+        meta = read_meta(pool)
         n = len(pool)
-        stage_speed(metrics, "load", n + (len(target) if target else 0), time.perf_counter() - t0)
-        log.info("select: stage 3/5 scoring %d samples on %s (tau %.4g)", n, device, tau)
-        scores, used, speed = compute_scores(cfg, pool, target, tau, device)
+        stage_speed(metrics, "load", n, time.perf_counter() - t0)
+        log.info("select: stage 3/5 scoring %d samples on Ray Data (tau %.4g)", n, tau)
+        scores, used, speed = compute_scores(cfg, pool, target, tau)
         metrics.update(speed)
         _log_params(run_logger, {"pool_size": n, **used})
         log.info("select: stage 4/5 recipe %s", params_line(cfg))
         t0 = time.perf_counter()
         kept = apply_chain(scores, [s.step() for s in cfg.recipe.steps])
         stage_speed(metrics, "recipe", n, time.perf_counter() - t0)
-        uid = np.array(pool.meta.column("uid").to_pylist(), dtype=object)
+        uid = np.array(meta.column("uid").to_pylist(), dtype=object)
         chosen = U.to_pairs(uid[kept[-1]])
         for i, (step, idx) in enumerate(zip(cfg.recipe.steps, kept, strict=True), 1):
             metrics[f"select/kept_{i}_{step.score}"] = len(idx)
@@ -237,13 +229,13 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
         chosen_hex = set(U.to_hex(chosen))
         selected = np.array([u in chosen_hex for u in uid], dtype=bool)
         metrics["select/selected"] = len(chosen)
-        metrics.update(noisy_metrics(pool.meta.column("noisy").to_numpy(), selected))
+        metrics.update(noisy_metrics(meta.column("noisy").to_numpy(), selected))
         log.info("select: stage 5/5 writing %s/subset.npy and %s/scores.parquet", out, out)
         U.save_subset(f"{out}/subset.npy", U.to_hex(chosen))
-        _write_scores(f"{out}/scores.parquet", pool, scores, kept, selected)
+        _write_scores(f"{out}/scores.parquet", meta, scores, kept, selected)
         if cfg.reshard.enabled:
             log.info("select: resharding %d uids into %s/shards", len(chosen), out)
-            result = reshard(pool.meta, chosen, f"{out}/shards", cfg.reshard.samples_per_shard, cfg.embed.cpus_per_read)
+            result = reshard(meta, chosen, f"{out}/shards", cfg.reshard.samples_per_shard, cfg.embed.cpus_per_read)
             metrics.update(
                 {
                     "reshard/shards": len(result.urls),
@@ -255,7 +247,7 @@ def _stages(cfg: SelectConfig, info: TeacherInfo, tau: float, run_logger: RunLog
             log.info("select: %d samples in %d new shards: %s", result.samples, len(result.urls), result.spec)
         fig = score_histograms(scores, selected, cfg.name)
         log_figure(run_logger.client, run_logger.run_id, fig, "score_histograms.png", dpi=100)
-        noisy = pool.meta.column("noisy").to_numpy()
+        noisy = meta.column("noisy").to_numpy()
         fig = score_scatter(scores, selected, noisy, cfg.name)
         log_figure(run_logger.client, run_logger.run_id, fig, "score_scatter.png", dpi=100)
         config = Path(work) / "selection.yaml"

@@ -1,8 +1,9 @@
 """Selection scores from a frozen teacher's unit-norm embeddings: CLIPScore, negCLIPLoss, NormSim_p.
 
-Every function takes (N, d) array-likes (numpy arrays, or `np.memmap`s of the pool that do not fit
-in memory) and reads them in row chunks, so memory is bounded by the chunk and batch sizes, not by
-N. Arithmetic is float32 on `device` (a GPU when given one) whatever the stored dtype (float16 on
+Every function takes (N, d) array-likes (numpy arrays; NormSim's target also a tensor already on
+`device`) and reads them in row chunks, so memory is bounded by the chunk and batch sizes, not by
+N. The job runs them on Ray Data workers (score_tasks.py), a block or one batch at a time.
+Arithmetic is float32 on `device` (a GPU when given one) whatever the stored dtype (float16 on
 disk); log-sum-exp keeps tau = 0.01 from overflowing (exponents reach 1/tau = 100).
 
 negCLIPLoss is called "negCLIPLoss" here; later versions of the paper call the same quantity
@@ -20,7 +21,9 @@ import torch
 CHUNK = 8192  # rows per matmul chunk for CLIPScore / NormSim
 
 
-def _rows(x: np.ndarray, start: int, stop: int, device: torch.device) -> torch.Tensor:
+def _rows(x: np.ndarray | torch.Tensor, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):  # already placed (a scoring actor's target on its device)
+        return x[start:stop].to(device=device, dtype=torch.float32)
     return torch.from_numpy(np.ascontiguousarray(x[start:stop])).to(device=device, dtype=torch.float32)
 
 
@@ -87,8 +90,8 @@ def neg_clip_loss(
     The partitions are those of `draw_batches` over the whole array (the pool), so R does not depend
     on how the pool is split into shards (this departs from the reference code, which draws batches
     inside each metadata shard, spec ambiguity 1; with shards smaller than |B| that would silently
-    shrink |B|). Rows are gathered per batch, so a memmapped pool is read |B| rows at a time. Higher is
-    better. Returns the scores and the batching actually used (|B| is capped at N, then deterministic).
+    shrink |B|). Rows are gathered per batch, in pool order. Higher is better. Returns the scores
+    and the batching actually used (|B| is capped at N, then deterministic).
     """
     if tau <= 0 or batch_size < 1 or repeats < 1:
         raise ValueError(f"needs tau > 0, batch_size >= 1, repeats >= 1; got {tau}, {batch_size}, {repeats}")
@@ -98,7 +101,7 @@ def neg_clip_loss(
     r = np.zeros(n, dtype=np.float64)
     for k in range(repeats if used < n else 1):
         for idx, counted in draw_batches(n, used, k, seed):
-            order = np.argsort(idx, kind="stable")  # sorted gathers read a memmap sequentially
+            order = np.argsort(idx, kind="stable")  # pool order, as score_tasks gathers a batch
             rows = idx[order]
             v = torch.from_numpy(np.asarray(image[rows], dtype=np.float32)).to(device)
             t = torch.from_numpy(np.asarray(text[rows], dtype=np.float32)).to(device)
@@ -113,7 +116,11 @@ s_clip_loss = neg_clip_loss  # the later name of the same score (spec ambiguity 
 
 
 def norm_sim(
-    image: np.ndarray, target: np.ndarray, p: float, device: torch.device | None = None, chunk: int = CHUNK
+    image: np.ndarray,
+    target: np.ndarray | torch.Tensor,
+    p: float,
+    device: torch.device | None = None,
+    chunk: int = CHUNK,
 ) -> np.ndarray:
     """NormSim_p(i) = ||G v_i||_p over the target image embeddings G (spec eq. 4), float32 (N,).
 
