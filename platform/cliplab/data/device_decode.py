@@ -85,10 +85,11 @@ def resample_weights(
     scale = (stop - start) / size
     filter_scale = max(scale, 1.0)
     support = 2.0 * filter_scale
+    lo = max(int(start + 0.5 * scale - support + 0.5), 0)  # the first and last rows' bounds, on the host: no sync
+    hi = min(int(start + (size - 0.5) * scale + support + 0.5), length)
     centre = start + (torch.arange(size, dtype=torch.float64, device=device) + 0.5) * scale
     first = (centre - support + 0.5).trunc().clamp(min=0)
     last = (centre + support + 0.5).trunc().clamp(max=length)
-    lo, hi = int(first[0]), int(last[-1])
     x = torch.arange(lo, hi, dtype=torch.float64, device=device)
     w = _bicubic((x[None] - centre[:, None] + 0.5) / filter_scale)
     w = torch.where((x[None] >= first[:, None]) & (x[None] < last[:, None]), w, torch.zeros_like(w))

@@ -10,10 +10,10 @@ Every batch carries its reader's cursor, packed into one int64 array (`cursor.py
 position (epoch, shard, sample), the positions (not bytes) of the samples in the shuffle buffer, and
 the shuffle RNG state. Batches hold only the fields the objective reads (`fields.emitted`), and with
 `data.decode: device` their images travel as JPEG bytes plus the drawn crop (`device_decode.py`).
-A resumed reader re-reads
-from the oldest buffered position, refills the buffer with exactly those raw samples (skipping others
-undecoded) and continues sample for sample as the uninterrupted stream would. Augmentation randomness
-is a hash of (seed, epoch, shard, key), so it needs no state.
+
+A resumed reader re-reads from the oldest buffered position, refills the buffer with exactly those raw
+samples (skipping others undecoded) and continues sample for sample as the uninterrupted stream would.
+Augmentation randomness is a hash of (seed, epoch, shard, key), so it needs no state.
 
 Not exact: changing data.num_workers, the shard list or the batch size between save and resume (refused
 for num_workers and shards); a DataLoader worker stream that ends (impossible here, streams are infinite).
