@@ -87,3 +87,15 @@ def test_png_falls_back_to_cpu_decode_and_a_broken_jpeg_costs_only_its_row(tmp_p
     (cpu,) = batches(c, 1)
     assert cpu["key"][:2] == ["0000", "0001"]  # the CPU path drops the broken sample
     assert torch.equal(image[1], cpu["image"][1]) and (image[0] - cpu["image"][0]).abs().max() <= 3 * LEVEL + 1e-6
+
+
+def test_the_workers_device_copy_decodes_first_and_casts_the_image(shards) -> None:
+    from cliplab.train.worker import Worker, device_decoder
+
+    c = cfg(shards, decode="device")
+    worker = Worker(0, 1, torch.device("cpu"), torch.bfloat16)
+    (batch,) = batches(c, 1)
+    out = worker.to_device(batch, device_decoder(c, MEAN, STD, worker))
+    assert {"jpeg", "jpeg_meta"}.isdisjoint(out) and out["image"].dtype == torch.bfloat16
+    assert out["image"].shape == (12, 3, 32, 32) and out["text"].dtype == batch["text"].dtype
+    assert device_decoder(cfg(shards), MEAN, STD, worker) is None
