@@ -25,6 +25,7 @@ from cliplab.data.pipeline import make_train_loader
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
 from cliplab.objectives import build_objective
+from cliplab.objectives.registry import get_spec
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step
 from workload import Workload
 
@@ -95,10 +96,12 @@ def _step_rate(exp: Experiment, batches: list[dict[str, Any]]) -> Callable[[], f
 
 
 def _reader_rate(exp: Experiment, count: int) -> Callable[[], float]:
-    """A side: samples/s of a fresh reader over `count` batches after its first."""
+    """A side: samples/s of a fresh reader over `count` batches after its first, with the objective's fields only."""
 
     def measure() -> float:
-        loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), (0.5,) * 3, (0.5,) * 3, 0, 1, None)
+        fields = get_spec(exp.objective.name).batch_fields
+        tok = build_tokenizer(exp.model)
+        loader, _ = make_train_loader(exp.data, tok, (0.5,) * 3, (0.5,) * 3, 0, 1, None, fields)
         it = iter(loader)
         next(it)
         start = time.perf_counter()

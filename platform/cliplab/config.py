@@ -83,11 +83,26 @@ class DataConfig(Strict):
     )
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     seed: int = 0
+    pin_memory: bool | None = Field(
+        None, description="page-locked loader batches for asynchronous GPU copies; none = on when training on GPU"
+    )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu", description="where JPEGs are decoded and the train crop made: loader workers, or the training device"
+    )
 
     @model_validator(mode="after")
     def _epoch_size(self) -> DataConfig:
         if self.resampled and self.samples_per_epoch is None:
             raise ValueError("resampled: true needs samples_per_epoch")
+        return self
+
+    @model_validator(mode="after")
+    def _device_decode_views(self) -> DataConfig:
+        if self.decode == "device" and self.views.count:
+            raise ValueError(
+                f"decode: device makes the train view only, not the extra views (data.views.count = "
+                f"{self.views.count}); set data.decode: cpu or data.views.count: 0"
+            )
         return self
 
 

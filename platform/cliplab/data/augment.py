@@ -58,15 +58,28 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return TF.normalize(TF.to_tensor(img), mean, std)
 
 
+def draw_train_view(
+    width: int, height: int, cfg: DataConfig, rng: random.Random
+) -> tuple[tuple[int, int, int, int], bool]:
+    """The train view's geometry (pixel crop box, mirrored?) drawn from `rng`: shared by CPU and device decode."""
+    box = sample_crop(width, height, cfg.crop_scale, cfg.crop_ratio, rng)
+    return box, cfg.hflip and rng.random() < 0.5
+
+
+def normalised_box(box: tuple[int, int, int, int], width: int, height: int) -> torch.Tensor:
+    """A pixel box as (x0, y0, x1, y1) fractions of the source image."""
+    return torch.tensor((box[0] / width, box[1] / height, box[2] / width, box[3] / height), dtype=torch.float32)
+
+
 def train_view(
     img: Image.Image, cfg: DataConfig, mean: Sequence[float], std: Sequence[float], rng: random.Random
 ) -> dict:
     """One augmented view: normalised tensor, its crop box and whether it was mirrored."""
-    crop, box = random_resized_crop(img, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, rng)
-    flip = cfg.hflip and rng.random() < 0.5
+    box, flip = draw_train_view(img.width, img.height, cfg, rng)
+    crop = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC, box=box)
     if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return {"image": to_tensor(crop, mean, std), "crop_box": torch.tensor(box, dtype=torch.float32), "flip": flip}
+    return {"image": to_tensor(crop, mean, std), "crop_box": normalised_box(box, img.width, img.height), "flip": flip}
 
 
 def misaligned_view(

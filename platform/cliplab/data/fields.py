@@ -31,3 +31,9 @@ def missing_fields(needed: frozenset[str], data: DataConfig) -> dict[str, list[s
         if not enabled(data):
             out.setdefault(setting, []).append(name)
     return out
+
+
+def emitted(data: DataConfig, needed: frozenset[str] | None = None) -> frozenset[str]:
+    """The fields the reader sends: all it makes for `data`, or those `needed` (plus `image`: throughput counts it)."""
+    made = ALWAYS | {name for name, (_, enabled) in OPTIONAL.items() if enabled(data)}
+    return made if needed is None else made & (needed | {"image"})

@@ -6,11 +6,14 @@ reader g = rank * num_workers + slot. Each epoch, reader g takes shards[g::G] of
 (or, resampled, draws shards with replacement until samples_per_epoch // G samples), then rolls over
 to the next epoch: the stream never ends, so every rank always has a batch and all ranks step equally.
 
-Every batch carries its reader's cursor: the next read position (epoch, shard, sample), the positions
-(not bytes) of the samples in the shuffle buffer, and the shuffle RNG state. A resumed reader re-reads
-from the oldest buffered position, refills the buffer with exactly those raw samples (skipping others
-undecoded) and continues sample for sample as the uninterrupted stream would. Augmentation randomness
-is a hash of (seed, epoch, shard, key), so it needs no state.
+Every batch carries its reader's cursor, packed into one int64 array (`cursor.py`): the next read
+position (epoch, shard, sample), the positions (not bytes) of the samples in the shuffle buffer, and
+the shuffle RNG state. Batches hold only the fields the objective reads (`fields.emitted`), and with
+`data.decode: device` their images travel as JPEG bytes plus the drawn crop (`device_decode.py`).
+
+A resumed reader re-reads from the oldest buffered position, refills the buffer with exactly those raw
+samples (skipping others undecoded) and continues sample for sample as the uninterrupted stream would.
+Augmentation randomness is a hash of (seed, epoch, shard, key), so it needs no state.
 
 Not exact: changing data.num_workers, the shard list or the batch size between save and resume (refused
 for num_workers and shards); a DataLoader worker stream that ends (impossible here, streams are infinite).
@@ -27,14 +30,18 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cliplab.config import CaptionsConfig, DataConfig
-from cliplab.data.augment import eval_view, misaligned_view, train_view
+from cliplab.data.augment import draw_train_view, eval_view, misaligned_view, normalised_box, train_view
 from cliplab.data.captions import caption_slots, tokenize_slots
+from cliplab.data.cursor import pack, reader_of, unpack
+from cliplab.data.device_decode import encoded_payload, probe_jpeg
+from cliplab.data.fields import emitted
 from cliplab.data.loader_workers import LoaderWorkerInit
 from cliplab.data.shards import expand_urls, open_shard
 from cliplab.errors import DataError, StorageError
@@ -81,16 +88,27 @@ def stable_seed(*parts: Any) -> int:
 def decode(raw: dict[str, Any], caption_key: str) -> tuple[Image.Image, str, dict] | None:
     """(RGB image, caption, json) of a raw sample, or None when image or caption is missing or corrupt."""
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if image_key is None or caption_key not in raw:
+    text = decode_text(raw, caption_key)
+    if image_key is None or text is None:
         return None
     try:
         img = Image.open(io.BytesIO(raw[image_key]))
         img = img.convert("RGB")
+    except Exception:
+        return None
+    return img, *text
+
+
+def decode_text(raw: dict[str, Any], caption_key: str) -> tuple[str, dict] | None:
+    """(caption, json) of a raw sample, or None when the caption is missing or either is corrupt."""
+    if caption_key not in raw:
+        return None
+    try:
         caption = raw[caption_key].decode("utf-8").strip()
         meta = json.loads(raw["json"]) if "json" in raw else {}
     except Exception:
         return None
-    return img, caption, meta if isinstance(meta, dict) else {}
+    return caption, meta if isinstance(meta, dict) else {}
 
 
 class Reader:
@@ -216,6 +234,10 @@ def _next(pos: Pos) -> Pos:
     return pos[0], pos[1], pos[2] + 1, pos[3] + 1
 
 
+Row = tuple[str, str, dict, dict, list[dict]]  # key, caption, json, train view, misaligned views
+VIEW_FIELDS = frozenset({"views", "view_boxes", "view_flip", "view_jitter"})
+
+
 class TrainStream(IterableDataset):
     """Batches of decoded, augmented, tokenised samples from this DataLoader worker's logical reader."""
 
@@ -229,11 +251,13 @@ class TrainStream(IterableDataset):
         rank: int,
         world_size: int,
         position: dict | None,
+        fields: frozenset[str],
     ):
         self.cfg, self.urls, self.tokenizer, self.mean, self.std = cfg, urls, tokenizer, mean, std
         self.rank, self.world = rank, world_size
         self.slots = max(1, cfg.num_workers)
         self.position = position or {}
+        self.fields = fields
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -245,11 +269,11 @@ class TrainStream(IterableDataset):
         reader = Reader(self.urls, self.cfg, g, self.world * self.slots, self.position.get("readers", {}).get(str(g)))
         stream = reader.samples()
         while True:
-            rows = []
+            rows: list[Row] = []
             while len(rows) < self.cfg.batch_size:
                 epoch, raw = next(stream)
-                decoded = decode(raw, self.cfg.caption_key)
-                if decoded is None:
+                row = self._row(epoch, raw)
+                if row is None:
                     reader.skipped["samples"] += 1
                     log.warning(
                         "skipped sample %s in %s: missing or undecodable image or caption",
@@ -257,28 +281,54 @@ class TrainStream(IterableDataset):
                         raw.get("__url__"),
                     )
                     continue
-                img, caption, meta = decoded
-                rng = random.Random(stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
-                anchor = train_view(img, self.cfg, self.mean, self.std, rng)
-                views = [misaligned_view(img, self.cfg, self.mean, self.std, rng) for _ in range(self.cfg.views.count)]
-                rows.append((raw["__key__"], caption, meta, anchor, views))
+                rows.append(row)
             reader.emitted += len(rows)
-            batch = {
-                "image": torch.stack([r[3]["image"] for r in rows]),
-                "text": self.tokenizer([r[1] for r in rows]),
-                "crop_box": torch.stack([r[3]["crop_box"] for r in rows]),
-                "flip": torch.tensor([r[3]["flip"] for r in rows]),
-                "key": [r[0] for r in rows],
-                "json": [r[2] for r in rows],
-                "__cursor__": reader.cursor(),
-            }
-            if self.cfg.captions is not None:
-                batch.update(
-                    tokenize_slots([caption_slots(r[1], r[2], self.cfg.captions) for r in rows], self.tokenizer)
-                )
-            if self.cfg.views.count:
-                batch.update(_stack_views([r[4] for r in rows]))
-            yield batch
+            yield {**self._batch(rows), "__cursor__": pack(reader.cursor())}
+
+    def _row(self, epoch: int, raw: dict[str, Any]) -> Row | None:
+        """One sample's key, caption, json, train view and misaligned views; None if it cannot be used."""
+        rng = random.Random(stable_seed(self.cfg.seed, epoch, raw.get("__url__"), raw["__key__"]))
+        probe = probe_jpeg(raw) if self.cfg.decode == "device" else None
+        if probe is not None:
+            text = decode_text(raw, self.cfg.caption_key)
+            if text is None:
+                return None
+            data, width, height = probe
+            box, flip = draw_train_view(width, height, self.cfg, rng)
+            anchor = {"image": (data, box, flip), "crop_box": normalised_box(box, width, height), "flip": flip}
+            return raw["__key__"], *text, anchor, []
+        decoded = decode(raw, self.cfg.caption_key)
+        if decoded is None:
+            return None
+        img, caption, meta = decoded
+        anchor = train_view(img, self.cfg, self.mean, self.std, rng)
+        count = self.cfg.views.count if self.fields & VIEW_FIELDS else 0
+        views = [misaligned_view(img, self.cfg, self.mean, self.std, rng) for _ in range(count)]
+        return raw["__key__"], caption, meta, anchor, views
+
+    def _batch(self, rows: list[Row]) -> dict[str, Any]:
+        """The batch of `rows`, with only the fields this loader emits."""
+        want = self.fields
+        images = [r[3]["image"] for r in rows]
+        batch: dict[str, Any] = (
+            encoded_payload(images) if self.cfg.decode == "device" else {"image": torch.stack(images)}
+        )
+        if "text" in want:
+            batch["text"] = self.tokenizer([r[1] for r in rows])
+        if "crop_box" in want:
+            batch["crop_box"] = torch.stack([r[3]["crop_box"] for r in rows])
+        if "flip" in want:
+            batch["flip"] = torch.tensor([r[3]["flip"] for r in rows])
+        if "key" in want:
+            batch["key"] = [r[0] for r in rows]
+        if "json" in want:
+            batch["json"] = [r[2] for r in rows]
+        if self.cfg.captions is not None and want & {"texts", "caption_own"}:
+            slots = tokenize_slots([caption_slots(r[1], r[2], self.cfg.captions) for r in rows], self.tokenizer)
+            batch.update({k: v for k, v in slots.items() if k in want})
+        if self.cfg.views.count and want & VIEW_FIELDS:
+            batch.update({k: v for k, v in _stack_views([r[4] for r in rows]).items() if k in want})
+        return batch
 
 
 def _stack_views(views: list[list[dict]]) -> dict[str, torch.Tensor]:
@@ -297,27 +347,34 @@ class StreamPosition:
     def __init__(self, slots: int, state: dict | None = None):
         state = state or {}
         self.slots = slots
-        self.readers: dict[str, dict] = dict(state.get("readers", {}))
+        self.readers: dict[str, dict | np.ndarray] = dict(state.get("readers", {}))
         self.batches = int(state.get("batches", 0))
         self.rotation = int(state.get("rotation", 0))
 
     def update(self, batch: dict[str, Any]) -> None:
-        cursor = batch["__cursor__"]
-        self.readers[str(cursor["reader"])] = cursor
+        """Keep the batch's packed cursor as it came (unpacked only when a state is asked for)."""
+        packed = batch["__cursor__"]
+        self.readers[str(reader_of(packed))] = packed
         self.batches += 1
 
     def state_dict(self) -> dict[str, Any]:
+        readers = {g: unpack(c) if isinstance(c, np.ndarray) else c for g, c in self.readers.items()}
         skipped = {"samples": 0, "shards": 0}
-        for cursor in self.readers.values():
+        for cursor in readers.values():
             for key in skipped:
                 skipped[key] += cursor["skipped"][key]
         rotation = (self.rotation + self.batches) % self.slots
-        return {"readers": dict(self.readers), "batches": self.batches, "rotation": rotation, "skipped": skipped}
+        return {"readers": readers, "batches": self.batches, "rotation": rotation, "skipped": skipped}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    """Batches are made in the worker; skip DataLoader's default conversion, which walks every cursor entry."""
+    """Batches are made in the worker; skip DataLoader's default conversion (it would copy the cursor array)."""
     return batch
+
+
+def resolve_pin_memory(cfg: DataConfig, device: torch.device) -> bool:
+    """`data.pin_memory`, where unset: on when the worker trains on a GPU (pinned copies can run asynchronously)."""
+    return cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
 
 
 def make_train_loader(
@@ -328,8 +385,13 @@ def make_train_loader(
     rank: int,
     world_size: int,
     position: dict | None,
+    fields: frozenset[str] | None = None,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, StreamPosition]:
-    """The DataLoader (batches built in its workers) and the position tracker to checkpoint."""
+    """The DataLoader (batches built in its workers) and the position tracker to checkpoint.
+
+    `fields`: the batch fields the objective reads (None: every field the config makes).
+    """
     urls = expand_urls(cfg.train_shards)
     slots = max(1, cfg.num_workers)
     if not cfg.resampled and len(urls) < world_size * slots:
@@ -338,12 +400,13 @@ def make_train_loader(
             f"workers; need at least {world_size * slots} shards, or set data.resampled"
         )
     start = {"readers": position["readers"], "rotation": position["rotation"]} if position else None
-    stream = TrainStream(cfg, urls, tokenizer, mean, std, rank, world_size, start)
+    stream = TrainStream(cfg, urls, tokenizer, mean, std, rank, world_size, start, emitted(cfg, fields))
     loader = DataLoader(
         stream,
         batch_size=None,
         num_workers=cfg.num_workers,
         collate_fn=_as_is,
+        pin_memory=pin_memory,
         multiprocessing_context="fork" if cfg.num_workers else None,
         prefetch_factor=2 if cfg.num_workers else None,
         worker_init_fn=LoaderWorkerInit(os.getpid()),

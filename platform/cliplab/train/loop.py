@@ -15,10 +15,11 @@ from typing import Any
 import ray.train
 
 from cliplab.config import Experiment
-from cliplab.data.pipeline import StreamPosition, make_train_loader
+from cliplab.data.device_decode import DeviceDecoder
+from cliplab.data.pipeline import StreamPosition, make_train_loader, resolve_pin_memory
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
-from cliplab.objectives.registry import build_objective
+from cliplab.objectives.registry import build_objective, get_spec
 from cliplab.tracking.mlflow import RunLogger
 from cliplab.train import checkpoint
 from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict
@@ -27,7 +28,7 @@ from cliplab.train.export import export_model
 from cliplab.train.faults import inject_crash
 from cliplab.train.step_metrics import progress_line, step_metrics
 from cliplab.train.throughput import Meter, device_peak_flops, training_flops_per_sample
-from cliplab.train.worker import Worker, start_worker
+from cliplab.train.worker import Worker, device_decoder, start_worker
 
 log = logging.getLogger("cliplab.train")
 
@@ -45,13 +46,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step, data_state, objective_state = checkpoint.restore(engine, ckpt, worker.rank)
         objective.load_state_dict(objective_state)
         log.info("resumed from checkpoint at step %d", step)
-    loader, position = make_train_loader(exp.data, tokenizer, pre.mean, pre.std, worker.rank, worker.world, data_state)
+    fields, pin = get_spec(exp.objective.name).batch_fields, resolve_pin_memory(exp.data, worker.device)
+    loader, position = make_train_loader(
+        exp.data, tokenizer, pre.mean, pre.std, worker.rank, worker.world, data_state, fields, pin
+    )
+    decoder = device_decoder(exp.data, pre.mean, pre.std, worker)
     tracker = _tracker(config, worker.rank, step if ckpt is not None else None)
 
     batches, meter, flops, counted = iter(loader), Meter(), None, False
     peak = exp.train.peak_flops or device_peak_flops(worker.device, exp.deepspeed.precision)
     while step < exp.train.steps:
-        micro = _micro_batches(batches, exp.train.accum_steps, meter, position, worker)
+        micro = _micro_batches(batches, exp.train.accum_steps, meter, position, worker, decoder)
         if not counted:  # once, on this worker's first real micro-batch
             flops, counted = training_flops_per_sample(engine.module, objective, micro[0]), True
         loss, terms = contrastive_step(engine, objective, micro)
@@ -90,7 +95,12 @@ def _tracker(config: dict[str, Any], rank: int, resumed_at: int | None) -> RunLo
 
 
 def _micro_batches(
-    batches: Iterator[dict[str, Any]], accum: int, meter: Meter, position: StreamPosition, worker: Worker
+    batches: Iterator[dict[str, Any]],
+    accum: int,
+    meter: Meter,
+    position: StreamPosition,
+    worker: Worker,
+    decoder: DeviceDecoder | None,
 ) -> list[dict[str, Any]]:
     """The next `accum` batches on the device, the wait for each counted and the stream position advanced."""
     micro = []
@@ -99,7 +109,7 @@ def _micro_batches(
         batch = next(batches)
         meter.waited(time.perf_counter() - t0)
         position.update(batch)
-        micro.append(worker.to_device(batch))
+        micro.append(worker.to_device(batch, decoder))
     return micro
 
 

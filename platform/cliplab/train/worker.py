@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,8 @@ import ray.train
 import torch
 
 from cliplab import storage
-from cliplab.config import Experiment
+from cliplab.config import DataConfig, Experiment
+from cliplab.data.device_decode import DeviceDecoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -25,16 +27,29 @@ class Worker:
     device: torch.device
     dtype: torch.dtype
 
-    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Tensors onto the device; images and views in the compute dtype, token ids and labels as they are."""
+    def to_device(self, batch: dict[str, Any], decoder: DeviceDecoder | None = None) -> dict[str, Any]:
+        """Tensors onto the device; images and views in the compute dtype, token ids and labels as they are.
+
+        With a `decoder` (data.decode: device) the encoded images become `image` on the device first. A copy
+        is asynchronous only from pinned memory (data.pin_memory); from pageable memory it is synchronous.
+        """
+        if decoder is not None:
+            batch = decoder(batch)
         out = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
-                value = value.to(self.device, non_blocking=True)
+                value = value.to(self.device, non_blocking=value.is_pinned())
                 out[key] = value.to(self.dtype) if value.is_floating_point() and key in ("image", "views") else value
             else:
                 out[key] = value
         return out
+
+
+def device_decoder(
+    data: DataConfig, mean: Sequence[float], std: Sequence[float], worker: Worker
+) -> DeviceDecoder | None:
+    """The decoder `to_device` needs under data.decode: device (None when loader workers decode)."""
+    return DeviceDecoder(data.image_size, mean, std, worker.device) if data.decode == "device" else None
 
 
 def start_worker(exp: Experiment) -> Worker:
