@@ -29,7 +29,14 @@ from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
 from cliplab.objectives import build_objective
 from cliplab.objectives.clip import contrastive_loss
-from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, lr_lambda, param_groups
+from cliplab.train.engine import (
+    build_engine,
+    clamp_logit_scale,
+    contrastive_step,
+    lr_lambda,
+    param_groups,
+    partition_config,
+)
 
 Step = Callable[[dict[str, Any]], None]
 
@@ -92,7 +99,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(exp.train.torch_threads or 1)
     torch.manual_seed(exp.train.seed)
-    model, pre = build_model(exp.model)
+    model, pre = build_model(exp.model, partition_config(exp, world) if args.engine == "deepspeed" else None)
     module, optimizer, step = ddp_trainer(exp, model) if args.engine == "ddp" else deepspeed_trainer(exp, model, world)
     loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), pre.mean, pre.std, rank, world, None)
     batches = iter(loader)
