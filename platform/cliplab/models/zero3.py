@@ -79,6 +79,7 @@ def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     ]
     for module, name, fn in bindings:
         setattr(module, name, originals[fn])
+    deepspeed.init_distributed(verbose=False)  # the config's batch check needs the world size (wraps torch's group)
     try:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             yield
