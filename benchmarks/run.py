@@ -109,7 +109,7 @@ def _zero_rows(sides: dict[str, list[Timing]]) -> list[Row]:
             ),
             Row(
                 "zero",
-                "peak RSS growth/worker MiB",
+                "RSS growth/worker MiB",
                 name,
                 base,
                 _worst_growth(sides[name]),
