@@ -5,7 +5,9 @@
 1. open_clip: `cliplab train` with 1 Ray worker against open_clip's trainer (`python -m open_clip_train.main`):
    steady-state samples/s and start-up to the first step.
 2. ddp: `cliplab train` on Ray Train + DeepSpeed ZeRO-2 with 2 workers against `torchrun` DDP.
-3. zero: ZeRO 0/1/2/3 with 2 workers: samples/s, peak RSS and parameter + optimizer-state bytes per worker.
+3. zero: ZeRO 0/1/2/3 with 2 workers: samples/s, peak RSS, its growth over the RSS before the model is built
+   (torch, deepspeed and open_clip alone hold ~0.9 GiB, alike on every side) and parameter + optimizer-state
+   bytes per worker.
 4. objectives: MCD and holistic CLIP step time over the CLIP step's; the reader's samples/s over the step's.
 
 All sides read the same SynthScenes shards (written once under --workdir) with the same model, batch and fp32.
@@ -77,6 +79,11 @@ def _worst(timings: list[Timing], key: str) -> list[float]:
     return [max(r[key] for r in t.results) / MIB for t in timings]
 
 
+def _worst_growth(timings: list[Timing]) -> list[float]:
+    """Per round, the largest of the workers' peak RSS less their RSS before building the model, in MiB."""
+    return [max(r["peak_rss_bytes"] - r["start_rss_bytes"] for r in t.results) / MIB for t in timings]
+
+
 def _zero_rows(sides: dict[str, list[Timing]]) -> list[Row]:
     base, *others = sides
     rows = []
@@ -99,6 +106,14 @@ def _zero_rows(sides: dict[str, list[Timing]]) -> list[Row]:
                 _worst(sides[name], "peak_rss_bytes"),
                 _worst(sides[base], "peak_rss_bytes"),
                 goal,
+            ),
+            Row(
+                "zero",
+                "RSS growth/worker MiB",
+                name,
+                base,
+                _worst_growth(sides[name]),
+                _worst_growth(sides[base]),
             ),
             Row(
                 "zero",

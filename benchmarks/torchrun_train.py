@@ -6,8 +6,9 @@ Both engines read batches with cliplab's reader and train the experiment's model
 loss (features gathered with gradient from every rank), AdamW with open_clip's weight-decay split, the
 warmup+cosine schedule, gradient clipping and the temperature clamp. `ddp` is the minimal torch loop;
 `deepspeed` is cliplab's engine and `contrastive_step` at the config's ZeRO stage. Rank 0 prints cliplab's
-progress lines (`[rank 0] step K/N`); every rank ends with a `BENCH {json}` line: its peak RSS and the bytes
-of parameters and optimizer state it holds.
+progress lines (`[rank 0] step K/N`); every rank ends with a `BENCH {json}` line: its peak RSS, its RSS
+before the model was built (the imported libraries: the same on every side) and the bytes of parameters and
+optimizer state it holds.
 """
 
 from __future__ import annotations
@@ -29,9 +30,22 @@ from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import build_model
 from cliplab.objectives import build_objective
 from cliplab.objectives.clip import contrastive_loss
-from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, lr_lambda, param_groups
+from cliplab.train.engine import (
+    build_engine,
+    clamp_logit_scale,
+    contrastive_step,
+    lr_lambda,
+    param_groups,
+    partition_config,
+)
 
 Step = Callable[[dict[str, Any]], None]
+
+
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -92,7 +106,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(exp.train.torch_threads or 1)
     torch.manual_seed(exp.train.seed)
-    model, pre = build_model(exp.model)
+    start_rss = rss_bytes()
+    model, pre = build_model(exp.model, partition_config(exp, world) if args.engine == "deepspeed" else None)
     module, optimizer, step = ddp_trainer(exp, model) if args.engine == "ddp" else deepspeed_trainer(exp, model, world)
     loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), pre.mean, pre.std, rank, world, None)
     batches = iter(loader)
@@ -103,7 +118,8 @@ def main() -> None:
             print(f"[rank 0] step {k}/{exp.train.steps}", flush=True)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     state = held_bytes(state_tensors(module, optimizer))
-    print("BENCH " + json.dumps({"rank": rank, "peak_rss_bytes": peak_rss, "state_bytes": state}), flush=True)
+    result = {"rank": rank, "peak_rss_bytes": peak_rss, "start_rss_bytes": start_rss, "state_bytes": state}
+    print("BENCH " + json.dumps(result), flush=True)
     dist.destroy_process_group()
 
 

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cliplab.config import BranchesConfig
 from cliplab.errors import ConfigError
+from cliplab.models.zero3 import full_shape, gathered
 
 
 def _check_vit(vit: nn.Module) -> VisionTransformer:
@@ -95,13 +96,14 @@ class MultiClsVision(_BranchTower):
         super().__init__()
         _adopt(self, _check_vit(vit))
         self.count = count
-        width = vit.class_embedding.shape[0]
+        width = full_shape(vit.class_embedding)[0]
         self.extra_class_embedding = nn.Parameter(width**-0.5 * torch.randn(count - 1, width))
         self.extra_positional_embedding = nn.Parameter(width**-0.5 * torch.randn(count - 1, width))
 
     def init_from_shared(self) -> None:
         """After loading a plain checkpoint: every class token starts as the pretrained one."""
-        with torch.no_grad():
+        shared = [self.class_embedding, self.positional_embedding]
+        with torch.no_grad(), gathered([self.extra_class_embedding, self.extra_positional_embedding, *shared]):
             self.extra_class_embedding.copy_(self.class_embedding.expand_as(self.extra_class_embedding))
             self.extra_positional_embedding.copy_(self.positional_embedding[:1].expand_as(self.extra_class_embedding))
 
@@ -138,7 +140,7 @@ class ParallelMlpVision(_BranchTower):
         if blocks > layers:
             raise ConfigError(f"model.branches.mlp_blocks {blocks} > the vision tower's {layers} blocks")
         self.count, self.first = count, layers - blocks
-        width = vit.class_embedding.shape[0]
+        width = full_shape(vit.class_embedding)[0]
         std = width**-0.5 * (2 * layers) ** -0.5  # open_clip's init of c_proj
         self.branch_proj = nn.ModuleList()
         for block in vit.transformer.resblocks[self.first :]:
@@ -153,9 +155,11 @@ class ParallelMlpVision(_BranchTower):
         """After loading a plain checkpoint: every branch's c_proj starts as the pretrained one."""
         with torch.no_grad():
             for block, extra in zip(self.transformer.resblocks[self.first :], self.branch_proj, strict=True):
+                source = block.mlp.c_proj
                 for linear in extra:
-                    linear.weight.copy_(block.mlp.c_proj.weight)
-                    linear.bias.copy_(block.mlp.c_proj.bias)
+                    with gathered([linear.weight, linear.bias, source.weight, source.bias]):
+                        linear.weight.copy_(source.weight)
+                        linear.bias.copy_(source.bias)
 
     def compile_branch_blocks(self, **kwargs: Any) -> None:
         """Regional compile of the modified blocks, which run outside their own `forward` (plain ones compile there)."""

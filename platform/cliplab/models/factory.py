@@ -7,12 +7,17 @@ exported checkpoints still load into plain open_clip models.
 With `model.branches` the image tower becomes multi-branch (models/branches.py); a plain open_clip
 checkpoint still loads into its shared parts, and the branch parameters start from their pretrained
 counterparts.
+
+Built for ZeRO-3 (`partition`), the parameters are partitioned as the modules are created (models/zero3.py);
+a checkpoint is then checked and converted on a meta-device twin and copied in one parameter at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 from cliplab.config import ModelConfig
 from cliplab.errors import ConfigError
 from cliplab.models.branches import install_branches, is_branch_param
+from cliplab.models.zero3 import is_partitioned, load_partitioned, partitioned_construction
 
 CHECKPOINT_FILE = "open_clip_model.pt"  # what an export holds: open_clip's checkpoint ...
 MODEL_FILE = "cliplab_model.json"  # ... and the model section that rebuilds its architecture
@@ -38,9 +44,13 @@ class Preprocess:
     std: tuple[float, float, float]
 
 
-def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Preprocess]:
-    """An open_clip CLIP model returning dict outputs, and its preprocessing constants."""
-    model = _create(cfg)
+def build_model(cfg: ModelConfig, partition: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Preprocess]:
+    """An open_clip CLIP model returning dict outputs, and its preprocessing constants.
+
+    `partition`: a ZeRO-3 DeepSpeed config; the model is then built partitioned across the ranks (collective).
+    """
+    with partitioned_construction(partition) if partition is not None else nullcontext():
+        model = _create(cfg)
     if cfg.pretrained:
         _load_pretrained(model, cfg)
     pre = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
@@ -125,7 +135,10 @@ def _type_name(annotation: Any) -> str:
 def _load_pretrained(model: torch.nn.Module, cfg: ModelConfig) -> None:
     """Load a checkpoint; only a multi-branch model may lack keys, and only its branch parameters."""
     try:
-        result = open_clip.load_checkpoint(model, cfg.pretrained, strict=cfg.branches is None)
+        if any(is_partitioned(p) for p in model.parameters()):
+            result = _load_partitioned_checkpoint(model, cfg)
+        else:
+            result = open_clip.load_checkpoint(model, cfg.pretrained, strict=cfg.branches is None)
     except FileNotFoundError:
         raise ConfigError(f"model.pretrained: no checkpoint at {cfg.pretrained}") from None
     except RuntimeError as exc:
@@ -142,6 +155,19 @@ def _load_pretrained(model: torch.nn.Module, cfg: ModelConfig) -> None:
         )
     if result.missing_keys:  # a plain checkpoint: branches start from the shared weights
         model.visual.init_from_shared()
+
+
+def _load_partitioned_checkpoint(model: torch.nn.Module, cfg: ModelConfig) -> Any:
+    """open_clip's checkpoint conversion and fit check on a meta-device twin, then the copy into `model`."""
+    with torch.device("meta"):
+        twin = _create(cfg)
+    state: dict[str, torch.Tensor] = {}
+    twin.register_load_state_dict_pre_hook(lambda module, state_dict, *_: state.update(state_dict))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        result = open_clip.load_checkpoint(twin, cfg.pretrained, strict=cfg.branches is None)
+    load_partitioned(model, state)
+    return result
 
 
 def load_exported(export_dir: str) -> tuple[torch.nn.Module, Preprocess, ModelConfig]:

@@ -18,19 +18,44 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from cliplab.config import Experiment
 from cliplab.models.compute import compile_blocks, set_grad_checkpointing
+from cliplab.models.zero3 import full_shape
 from cliplab.objectives.registry import Objective
 
 NO_DECAY_HINTS = ("bias", "ln", "norm", "bn", "logit_scale", "positional_embedding", "class_embedding")
 
 
+# Bucket sizes in elements. ZeRO-1/2: gradients are reduced in 50M-element buckets as backward produces them
+# (`overlap_comm`; a bucket is a contiguous buffer, `contiguous_gradients`), not in one 500M-element bucket
+# after it. ZeRO-3: at most ~2 large matrices gathered at once, so a worker holds its partition plus
+# about one layer's full weights instead of every gathered parameter.
+ZERO12_DEFAULTS: dict[str, Any] = {
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": 5e7,
+    "allgather_bucket_size": 5e7,
+}
+ZERO3_DEFAULTS: dict[str, Any] = {
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": 1e7,
+    "stage3_prefetch_bucket_size": 1e7,
+    "stage3_max_live_parameters": 3e7,
+    "stage3_max_reuse_distance": 3e7,
+    "stage3_param_persistence_threshold": 1e5,
+}
+
+
 def deepspeed_config(exp: Experiment, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this experiment; `deepspeed.overrides` is deep-merged last."""
+    """The DeepSpeed JSON for this experiment; `deepspeed.overrides` is deep-merged last.
+
+    On a single worker ZeRO-1/2 partitioning is switched off (`zero_stage_for`), and so are its defaults.
+    """
     ds = exp.deepspeed
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": exp.data.batch_size,
         "gradient_accumulation_steps": exp.train.accum_steps,
         "train_batch_size": exp.data.batch_size * exp.train.accum_steps * world_size,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": ds.zero_stage, **_stage_defaults(ds.zero_stage)},
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "gradient_clipping": ds.grad_clip,
@@ -38,7 +63,29 @@ def deepspeed_config(exp: Experiment, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, ds.overrides)
+    cfg = _merge(cfg, ds.overrides)
+    stage = zero_stage_for(cfg["zero_optimization"], world_size)
+    if stage != cfg["zero_optimization"]["stage"]:
+        cfg["zero_optimization"] = {"stage": stage}
+    return cfg
+
+
+def _stage_defaults(stage: int) -> dict[str, Any]:
+    return {0: {}, 1: ZERO12_DEFAULTS, 2: ZERO12_DEFAULTS, 3: ZERO3_DEFAULTS}[stage]
+
+
+def zero_stage_for(zero: dict[str, Any], world_size: int) -> int:
+    """The ZeRO stage the engine runs: the configured one, but 0 for ZeRO-1/2 on one worker without offload.
+
+    Partitioning over one rank saves no memory (ZeRO-1/2 even keep a second flat fp32 copy), yet DeepSpeed
+    0.19.8 still copies every gradient bucket through an all-reduce into the partition at world size 1
+    (`allreduce_and_scatter`). At stage 0 the engine's own all-reduce is then switched off too
+    (`build_engine`). Optimizer offload at one rank is ZeRO-Offload, and ZeRO-3 builds and fetches the model
+    one partitioned module at a time (what param offload needs): both are kept as configured.
+    """
+    stage = int(zero.get("stage", 0))
+    offload = isinstance(zero.get("offload_optimizer"), dict) and zero["offload_optimizer"].get("device") != "none"
+    return 0 if world_size == 1 and stage in (1, 2) and not offload else stage
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -49,13 +96,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's split: no weight decay on gains, biases, embeddings and the temperature."""
+    """open_clip's split: no weight decay on gains, biases, embeddings and the temperature (full shapes at ZeRO-3)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or any(h in name for h in NO_DECAY_HINTS) else decay).append(p)
+        (no_decay if len(full_shape(p)) < 2 or any(h in name for h in NO_DECAY_HINTS) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def partition_config(exp: Experiment, world_size: int) -> dict[str, Any] | None:
+    """The DeepSpeed config to build the model under when ZeRO-3 partitions it at construction, else None."""
+    cfg = deepspeed_config(exp, world_size)
+    return cfg if cfg["zero_optimization"]["stage"] == 3 else None
 
 
 def lr_lambda(exp: Experiment):
@@ -98,13 +151,16 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
     Checkpointing is switched on before `deepspeed.initialize`; `compute.compile` runs after it, in place, so
     the compiled graphs see the engine's dtype, device and hooks and every parameter keeps its name. The
     backend is `compute.compile_backend`, else the accelerator's (inductor unless `set_compile_backend` chose another).
+    At world size 1 and stage 0 the engine skips its gradient all-reduce (`enable_backward_allreduce`, the
+    flag DeepSpeed itself clears when it has no backend): over one rank it only flattens, copies, divides by 1.
     """
     set_grad_checkpointing(model, exp.compute.grad_checkpointing)
     optimizer = build_optimizer(model, exp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(exp))
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(exp, world_size)
-    )
+    config = deepspeed_config(exp, world_size)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if world_size == 1 and config["zero_optimization"]["stage"] == 0:  # no flatten + all-reduce + copy-back
+        engine.enable_backward_allreduce = False
     dtype = next(engine.module.parameters()).dtype
     for buffer in engine.module.buffers():  # DeepSpeed casts parameters only; batch-norm statistics must follow
         if buffer.is_floating_point():
@@ -121,16 +177,22 @@ def build_engine(model: torch.nn.Module, exp: Experiment, world_size: int) -> de
 def clamp_logit_scale(engine: deepspeed.DeepSpeedEngine, max_scale: float) -> float:
     """Clamp the temperature in the fp32 master copy (an in-place clamp of the module param is lost).
 
-    Collective at ZeRO-3: every rank must call it. Returns exp(logit_scale) after clamping.
+    Without a master copy (ZeRO-0 in fp32, e.g. on one worker) the module parameter is the master and is
+    clamped itself. Collective at ZeRO-3: every rank must call it. Returns exp(logit_scale) after clamping.
     """
     param = engine.module.logit_scale
     full = safe_get_full_fp32_param(param)
-    if full is None:
+    master = full is not None
+    if not master:
         full = param.detach().float()
     bound = math.log(max_scale)
     if full.max().item() > bound or full.min().item() < 0:
-        safe_set_full_fp32_param(param, full.clamp(0, bound))
         full = full.clamp(0, bound)
+        if master:
+            safe_set_full_fp32_param(param, full)
+        else:
+            with torch.no_grad():
+                param.copy_(full)
     return float(full.exp().max())
 
 

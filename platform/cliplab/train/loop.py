@@ -22,7 +22,13 @@ from cliplab.models.factory import build_model
 from cliplab.objectives.registry import build_objective, get_spec
 from cliplab.tracking.mlflow import RunLogger
 from cliplab.train import checkpoint
-from cliplab.train.engine import build_engine, clamp_logit_scale, contrastive_step, full_state_dict
+from cliplab.train.engine import (
+    build_engine,
+    clamp_logit_scale,
+    contrastive_step,
+    full_state_dict,
+    partition_config,
+)
 from cliplab.train.evaluation import evaluate_at_step
 from cliplab.train.export import export_model
 from cliplab.train.faults import inject_crash
@@ -36,7 +42,7 @@ log = logging.getLogger("cliplab.train")
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     exp = Experiment.model_validate(config["experiment"])
     worker = start_worker(exp)
-    model, pre = build_model(exp.model)
+    model, pre = build_model(exp.model, partition_config(exp, worker.world))
     tokenizer = build_tokenizer(exp.model)
     objective = build_objective(exp.objective.name, exp.objective.params)
     engine = build_engine(model, exp, worker.world)
