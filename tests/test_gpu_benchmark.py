@@ -1,4 +1,4 @@
-"""benchmarks/gpu.sh on CPU (`--smoke`): every side of the GPU benchmark runs, so the script cannot rot."""
+"""benchmarks/gpu.sh on CPU (`--smoke`): eager and both switches train, as does open_clip_train, so it cannot rot."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ["cliplab eager", "cliplab compiled", "cliplab GPU decode", "cliplab compiled + GPU decode", "open_clip_train"]
+SIDES = ["cliplab eager", "cliplab compiled + GPU decode", "open_clip_train"]
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_smoke_trains_every_side_and_prints_the_table(tmp_path: Path, ray_local) -> None:
+def test_gpu_benchmark_smoke_trains_both_switches_and_open_clip_and_prints_the_table(tmp_path: Path, ray_local) -> None:
     work, out = tmp_path / "work", tmp_path / "gpu.json"
     address = ray_local.get_runtime_context().gcs_address
     proc = subprocess.run(
