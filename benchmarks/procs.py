@@ -36,6 +36,12 @@ def summarise(points: Sequence[tuple[float, int]], samples_per_step: int) -> tup
     return t1 - (n1 - samples_per_step) / rate, rate
 
 
+def bench_results(line: str) -> list[dict]:
+    """Every `BENCH {json}` object in one line of output (two ranks' prints can land on the same line)."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(part)[0] for part in line.split(RESULT_PREFIX)[1:]]
+
+
 def timed_run(
     cmd: Sequence[str],
     env: Mapping[str, str],
@@ -56,8 +62,7 @@ def timed_run(
             done = samples_done(line)
             if done is not None:
                 points.append((time.perf_counter() - start, done))
-            if line.startswith(RESULT_PREFIX):
-                results.append(json.loads(line[len(RESULT_PREFIX) :]))
+            results += bench_results(line)
         if proc.wait():
             raise RuntimeError(f"{cmd[0]} ... exited with {proc.returncode}; its output is in {log}")
     startup, rate = summarise(points, samples_per_step)

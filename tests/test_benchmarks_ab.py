@@ -51,3 +51,12 @@ def test_spread_is_median_and_range():
     assert ab.spread([4.0]) == ab.Spread(4.0, 4.0, 4.0)
     with pytest.raises(ValueError):
         ab.spread([])
+
+
+def test_bench_results_reads_every_object_of_a_line_two_ranks_shared() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_procs", _AB.with_name("procs.py"))
+    procs = sys.modules["benchmarks_procs"] = importlib.util.module_from_spec(spec)  # dataclasses need it there
+    spec.loader.exec_module(procs)
+    shared = 'BENCH {"rank": 0, "peak": 1}BENCH {"rank": 1, "peak": 2}\n'
+    assert procs.bench_results(shared) == [{"rank": 0, "peak": 1}, {"rank": 1, "peak": 2}]
+    assert procs.bench_results("[rank 0] step 3/12 | loss 1.0\n") == []
