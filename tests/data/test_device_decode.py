@@ -6,33 +6,23 @@ import io
 import random
 
 import numpy as np
-import pytest
 import torch
 import webdataset as wds
+from loader_setup import TOK
+from loader_setup import cfg as loader_cfg
 from PIL import Image
 
-from cliplab.config import DataConfig, ModelConfig
+from cliplab.config import DataConfig
 from cliplab.data.augment import sample_crop
 from cliplab.data.device_decode import DeviceDecoder, resized_crop
 from cliplab.data.pipeline import make_train_loader
-from cliplab.data.synth import SynthSpec, write_synthscenes
-from cliplab.data.tokenize import build_tokenizer
 
-TOK = build_tokenizer(ModelConfig(config={"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"context_length": 16}}))
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 LEVEL = 1 / 255 / min(STD)  # one 8-bit level after normalisation
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("synth")
-    write_synthscenes(str(root), SynthSpec(num_samples=96, samples_per_shard=24, image_size=48))
-    return f"{root}/{{00000..00003}}.tar"
-
-
 def cfg(spec: str, **kw) -> DataConfig:
-    base = {"train_shards": spec, "batch_size": 12, "num_workers": 0, "shuffle_buffer": 10, "image_size": 32}
-    return DataConfig(**{**base, "hflip": True, "crop_scale": (0.2, 1.0), **kw})
+    return loader_cfg(spec, **{"batch_size": 12, "shuffle_buffer": 10, "hflip": True, "crop_scale": (0.2, 1.0), **kw})
 
 
 def batches(c: DataConfig, n: int) -> list[dict]:

@@ -8,29 +8,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from loader_setup import NORM, TOK, cfg
 
-from cliplab.config import CaptionsConfig, DataConfig, ModelConfig, ViewsConfig, validate_tree
+from cliplab.config import CaptionsConfig, DataConfig, ViewsConfig, validate_tree
 from cliplab.data.cursor import pack, unpack
 from cliplab.data.pipeline import make_train_loader, resolve_pin_memory
-from cliplab.data.synth import SynthSpec, write_synthscenes
-from cliplab.data.tokenize import build_tokenizer
 from cliplab.errors import ConfigError
 from cliplab.objectives.registry import get_spec
-
-TOK = build_tokenizer(ModelConfig(config={"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"context_length": 16}}))
-NORM = ((0.5,) * 3, (0.5,) * 3)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("synth")
-    write_synthscenes(str(root), SynthSpec(num_samples=120, samples_per_shard=30, image_size=32))
-    return f"{root}/{{00000..00003}}.tar"
-
-
-def cfg(spec: str, **kw) -> DataConfig:
-    base = {"train_shards": spec, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 20, "image_size": 32}
-    return DataConfig(**{**base, **kw})
 
 
 def first_batch(c: DataConfig, objective: str) -> dict:

@@ -11,32 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from loader_setup import NORM, TOK, cfg
 from PIL import Image
 
-from cliplab.config import DataConfig, ModelConfig
 from cliplab.data.augment import random_resized_crop
 from cliplab.data.pipeline import Reader, eval_batches, inspect_shards, make_train_loader
 from cliplab.data.shards import expand_urls
-from cliplab.data.synth import SynthSpec, write_synthscenes
-from cliplab.data.tokenize import build_tokenizer
 from cliplab.errors import DataError
 from tarfaults import cut_inside_member, with_garbage_jpg
-
-TOK = build_tokenizer(ModelConfig(config={"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"context_length": 16}}))
-NORM = ((0.5,) * 3, (0.5,) * 3)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("synth")
-    write_synthscenes(str(root), SynthSpec(num_samples=240, samples_per_shard=30, image_size=32))
-    return f"{root}/{{00000..00007}}.tar"
-
-
-def cfg(spec: str, **kw) -> DataConfig:
-    return DataConfig(
-        **{"train_shards": spec, "batch_size": 8, "num_workers": 0, "shuffle_buffer": 20, "image_size": 32, **kw}
-    )
 
 
 def test_crop_box_reproduces_the_crop() -> None:
