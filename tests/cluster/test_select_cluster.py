@@ -12,10 +12,10 @@ import yaml
 from cliplab.cli import main
 from cliplab.cluster import crds
 from cliplab.cluster.render import TEMPLATE, render
-from cliplab.cluster.select_size import size_embed_workers
+from cliplab.cluster.select_size import check_score_fits, size_embed_workers
 from cliplab.cluster.submit import entrypoint
 from cliplab.errors import ConfigError
-from cliplab.select.config import EmbedConfig
+from cliplab.select.config import EmbedConfig, ScoreConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CONFIG = "configs/select/negclip_normsim_gpu.yaml"
@@ -62,6 +62,16 @@ def test_memory_per_actor_raises_node_memory_and_oversized_actors_are_refused() 
         size_embed_workers(_template_group(), EmbedConfig(gpus_per_actor=16), 8)
     with pytest.raises(ConfigError, match=r"embed.cpus_per_actor \+ embed.cpus_per_read: 80 CPUs per actor"):
         size_embed_workers(_template_group(), EmbedConfig(cpus_per_actor=40, cpus_per_read=40), 8)
+
+
+def test_scoring_actors_beyond_the_embedding_group_are_refused() -> None:
+    group = _template_group()
+    size_embed_workers(group, EmbedConfig(actors=8, gpus_per_actor=1), 8)  # one node: 8 GPUs, 8 x 2 + 2 CPUs
+    check_score_fits(group, ScoreConfig(actors=8, cpus_per_actor=1))  # one GPU each by default: fits
+    with pytest.raises(ConfigError, match=r"score.actors: 9 actors of 1 GPUs need more than the 8 GPUs"):
+        check_score_fits(group, ScoreConfig(actors=9, cpus_per_actor=1))
+    with pytest.raises(ConfigError, match=r"score.actors: 4 actors of 8 CPUs .* need more than the 16 CPUs"):
+        check_score_fits(group, ScoreConfig(actors=4, cpus_per_actor=8, gpus_per_actor=0))
 
 
 def test_render_refuses_an_invalid_selection_config(tmp_path: Path) -> None:

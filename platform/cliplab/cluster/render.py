@@ -124,12 +124,13 @@ def render(
         for container in group["template"]["spec"]["containers"]:
             container["image"] = image
     if kind == "select":
-        from cliplab.cluster.select_size import size_embed_workers
+        from cliplab.cluster.select_size import check_score_fits, size_embed_workers
         from cliplab.select.config import load_selection
 
         selection = load_selection(path)
         job_name = selection.name
         size_embed_workers(spec["workerGroupSpecs"][0], selection.embed, gpus_per_node)
+        check_score_fits(spec["workerGroupSpecs"][0], selection.score)
     else:
         exp, jobs_at_once = _experiment(kind, path)
         job_name = exp.name

@@ -1,8 +1,9 @@
 """The worker group of a selection RayJob (`cluster render --kind select`), sized from the config's `embed`.
 
-The embedding pass sizes the group (the scoring pass after it reuses these workers; keep `score.actors`
-within them): `embed.actors` teacher actors, each with `gpus_per_actor` GPUs and `cpus_per_actor` CPUs, fed
-by read+decode tasks of `cpus_per_read` CPUs each. A node holds as many actors as its GPUs allow
+The embedding pass sizes the group; the scoring pass after it reuses these workers, so a `score` section
+asking for more CPUs or GPUs than the group holds is refused (`check_score_fits`). Embedding runs
+`embed.actors` teacher actors, each with `gpus_per_actor` GPUs and `cpus_per_actor` CPUs, fed by
+read+decode tasks of `cpus_per_read` CPUs each. A node holds as many actors as its GPUs allow
 (`--gpus-per-node`; CPU teachers: as many as the template node's CPUs allow), plus one read task's CPUs per
 actor so that decoding keeps each actor busy, plus 2 CPUs for Ray.
 Memory and /dev/shm scale with the node's share of the template node, and with `memory_per_actor_gb` the
@@ -16,7 +17,7 @@ from typing import Any
 
 from cliplab.cluster.render import scale_node
 from cliplab.errors import ConfigError
-from cliplab.select.config import EmbedConfig
+from cliplab.select.config import EmbedConfig, ScoreConfig
 
 OVERHEAD_CPUS = 2  # Ray's own processes on the node
 HEAP_SHARE = 0.7  # of a node's memory, what the object store leaves to tasks and actors
@@ -59,3 +60,22 @@ def size_embed_workers(group: dict[str, Any], embed: EmbedConfig, gpus_per_node:
         if need > int(limits["memory"].removesuffix("Gi")):
             limits["memory"] = f"{need}Gi"
             resources["requests"] = dict(limits)
+
+
+def check_score_fits(group: dict[str, Any], score: ScoreConfig) -> None:
+    """Refuse a `score` section whose actors need more CPUs or GPUs than the sized worker group has."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    nodes, gpus = group["replicas"], int(limits.get("nvidia.com/gpu", 0))
+    per_actor_gpus = score.gpus_per_actor if score.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    have_cpus = nodes * (int(limits["cpu"]) - OVERHEAD_CPUS)
+    if score.actors * score.cpus_per_actor + score.cpus_per_read > have_cpus:
+        raise ConfigError(
+            f"score.actors: {score.actors} actors of {score.cpus_per_actor:g} CPUs (plus a read task of "
+            f"{score.cpus_per_read:g}) need more than the {have_cpus} CPUs of the {nodes} worker node(s) that "
+            "embed sizes; lower score.actors or score.cpus_per_actor"
+        )
+    if score.actors * per_actor_gpus > nodes * gpus:
+        raise ConfigError(
+            f"score.actors: {score.actors} actors of {per_actor_gpus:g} GPUs need more than the {nodes * gpus} "
+            "GPUs of the worker group that embed sizes; lower score.actors or score.gpus_per_actor"
+        )
