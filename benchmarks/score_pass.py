@@ -3,7 +3,7 @@
 The pool is random unit embeddings written as the embedding pass leaves them (one parquet file and completion
 marker per shard, `embed.write_output`), and so is the NormSim target. The pass is what `cliplab select` runs for
 its stage 3: `pool.index_pool`, then `score_tasks.score_pool` (CLIPScore and NormSim_inf in an actor pool,
-negCLIPLoss by a groupby over the K partitions' batches). Run it in a fresh process per pool size: the
+negCLIPLoss one window of shards at a time per partition). Run it in a fresh process per pool size: the
 driver's and the workers' peaks are then that size's alone.
 """
 
@@ -61,7 +61,9 @@ def score_one_size(folder: str, settings: dict[str, Any]) -> dict[str, Any]:
     try:
         pool = index_pool(str(root / "pool"), settings["pool_urls"], "pool")
         target = index_pool(str(root / "target"), settings["target_urls"], "target")
-        negclip = NegClipConfig(batch_size=settings["batch"], repeats=settings["repeats"])
+        negclip = NegClipConfig(
+            batch_size=settings["batch"], repeats=settings["repeats"], window_batches=settings["window_batches"]
+        )
         scores = ScoresConfig(tau=0.01, negclip=negclip, normsim_p=["inf"])
         res = ScoreConfig(actors=settings["actors"], cpus_per_actor=1.0, cpus_per_read=0.5, gpus_per_actor=0)
         driver_before, load_before = _maxrss_mib(), os.getloadavg()[0]

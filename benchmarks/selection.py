@@ -11,10 +11,11 @@ Two stages of `cliplab select`, each size in a fresh process so that no peak car
   decoding and embedding each show up in their own workers.
 - score: the Ray Data scoring pass (`cliplab.select.score_tasks.score_pool`, the job's stage 3, score_pass.py) on
   random unit embeddings written as the embedding pass's per-shard parquet outputs, on a new local Ray of
-  `--cpus` CPUs: CLIPScore + NormSim_inf in `--actors` scoring actors, then negCLIPLoss (K partitions regrouped
-  by a groupby over their batches). Samples/s per pass over its wall time (Ray Data's start-up included);
-  peak RSS per worker role (actor: the scoring and normaliser actors; read: the read tasks; shuffle: Ray
-  Data's hash-shuffle map and reduce tasks) and the driver's.
+  `--cpus` CPUs: CLIPScore + NormSim_inf in `--actors` scoring actors, then negCLIPLoss (K partitions, each
+  scored one window of shards at a time by window actors; windows of `--window-batches` x |B| rows, so the
+  larger pools are scored in several windows). Samples/s per pass over its wall time (Ray Data's start-up
+  included); peak RSS per worker role (actor: the scoring and window actors; read: the read tasks) and the
+  driver's.
 
 Ratios: samples/s against the first size (1.0 = linear scaling), and peak RSS against the first size next to
 the size ratio; memory bounded by shard, chunk and batch sizes rather than by N shows as a peak ratio near 1
@@ -109,7 +110,8 @@ def print_embed_table(sizes: list[int], out: dict[str, Any]) -> None:
 
 def score_sizes(args: argparse.Namespace) -> dict[str, Any]:
     """Score a pool of random unit embeddings of each size; per size seconds and samples/s per pass and the peaks."""
-    settings = {k: getattr(args, k) for k in ("dim", "batch", "repeats", "target", "cpus", "actors", "per_shard")}
+    names = ("dim", "batch", "repeats", "window_batches", "target", "cpus", "actors", "per_shard")
+    settings = {k: getattr(args, k) for k in names}
     results: dict[str, Any] = {}
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="cliplab-bench-score-") as tmp:
@@ -134,11 +136,12 @@ def print_score_table(sizes: list[int], out: dict[str, Any]) -> None:
     first, s = sizes[0], out["settings"]
     print(
         f"\nscoring pass, local Ray of {s['cpus']} CPUs, {s['actors']} actor(s), d={s['dim']}, |B|={s['batch']}, "
-        f"K={s['repeats']}, {s['target']} target rows, {s['per_shard']} rows per shard; ratios against {first} samples"
+        f"K={s['repeats']}, windows of {s['window_batches']} batches, {s['target']} target rows, "
+        f"{s['per_shard']} rows per shard; ratios against {first} samples"
     )
     print(
         f"{'pool':>8}  {'pass':<24}{'samples/s':>11}{'ratio':>7}{'worker peak MiB':>17}{'ratio':>7}"
-        f"{'actor':>8}{'read':>8}{'shuffle':>9}{'driver peak MiB':>17}{'ratio':>7}"
+        f"{'actor':>8}{'read':>8}{'driver peak MiB':>17}{'ratio':>7}"
     )
     base = out["sizes"][str(first)]
     for n in sizes:
@@ -149,7 +152,7 @@ def print_score_table(sizes: list[int], out: dict[str, Any]) -> None:
             print(
                 f"{n:>8}  {stage:<24}{rate:>11.0f}{rate / base_rate:>7.2f}"
                 f"{r['worker_peak_rss_mib']:>17.0f}{r['worker_peak_rss_mib'] / base['worker_peak_rss_mib']:>7.2f}"
-                f"{roles.get('actor', 0):>8.0f}{roles.get('read', 0):>8.0f}{roles.get('shuffle', 0):>9.0f}"
+                f"{roles.get('actor', 0):>8.0f}{roles.get('read', 0):>8.0f}"
                 f"{r['driver_peak_rss_mib']:>17.0f}{r['driver_peak_rss_mib'] / base['driver_peak_rss_mib']:>7.2f}"
             )
 
@@ -171,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B/32: 512, ViT-L/14: 768)")
     g.add_argument("--batch", type=int, default=4096, help="negCLIPLoss |B|")
     g.add_argument("--repeats", type=int, default=2, help="negCLIPLoss K")
+    g.add_argument("--window-batches", type=int, default=2, help="negCLIPLoss window size in batches of |B|")
     g.add_argument("--target", type=int, default=1000, help="NormSim target set size")
     g.add_argument("--actors", type=int, default=1, help="score.actors: scoring actors (1 CPU each)")
     args = p.parse_args(argv)

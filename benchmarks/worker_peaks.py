@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psutil
 
 # title substring -> role (the embedding pass's, then the scoring pass's); anything else: other
-ROLES = (("actor", "MapWorker"), ("read", "read_and_decode"), ("read", "read_rows"), ("shuffle", "HashShuffle"))
+ROLES = (("actor", "MapWorker"), ("read", "read_and_decode"), ("read", "read_rows"))
 AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # the node's agents carry `ray::` titles but run no work
 
 
@@ -29,7 +29,7 @@ class Worker:
     titles: set[str] = field(default_factory=set)
 
     def role(self) -> str:
-        """`actor` (embedding or scoring actors), `read` (read tasks), `shuffle` (hash-shuffle tasks) or `other`."""
+        """`actor` (embedding, scoring or negCLIPLoss window actors), `read` (read tasks) or `other`."""
         for role, needle in ROLES:
             if any(needle in t for t in self.titles):
                 return role

@@ -11,8 +11,8 @@ import pytest
 from cliplab.select.config import NegClipConfig, ScoreConfig, ScoresConfig
 from cliplab.select.embed import output_paths, write_output
 from cliplab.select.pool import index_pool, read_meta
-from cliplab.select.score_tasks import plan_partitions, score_pool
-from cliplab.select.scores import clip_score, draw_batches, neg_clip_loss, norm_sim
+from cliplab.select.score_tasks import score_pool
+from cliplab.select.scores import clip_score, draw_windows, neg_clip_loss, norm_sim
 
 SIZES = (13, 0, 11, 9)  # rows per shard; the second shard has no output (unreadable) and is left out
 DIM = 8
@@ -71,22 +71,16 @@ def test_index_offsets_and_meta_follow_pool_order(embedded) -> None:
     assert meta.column("key").to_pylist()[13] == "000020000"  # shard 2's first row follows shard 0
 
 
-def test_partition_plan_is_draw_batches() -> None:
-    plan = plan_partitions(33, 8, 3, 5)
-    assert plan.batch.shape == (3, 33) and plan.per_repeat == 5
-    for k in range(3):
-        drawn = draw_batches(33, 8, k, 5)
-        for b, (idx, counted) in enumerate(drawn):
-            assert (plan.batch[k, idx[:counted]] == b).all()
-        assert sorted(plan.fillers[k]) == sorted(drawn[-1][0][drawn[-1][1] :]) and len(plan.fillers[k]) == 7
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size, repeats, actors", [(8, 3, 2), (64, 2, 1)])  # ragged |B| < n; |B| >= n
-def test_ray_scores_equal_the_in_process_scores(ray_local, embedded, batch_size, repeats, actors) -> None:
+@pytest.mark.parametrize(  # ragged |B| < n in windows of one shard each (W = 8); |B| >= n: one batch, one window
+    "batch_size, repeats, actors, window_batches", [(8, 3, 2, 1), (64, 2, 1, 8)]
+)
+def test_ray_scores_equal_the_in_process_scores(ray_local, embedded, batch_size, repeats, actors, window_batches):
     image, text, target = embedded["image"], embedded["text"], embedded["target_image"]
     cfg = ScoresConfig(
-        tau=0.01, negclip=NegClipConfig(batch_size=batch_size, repeats=repeats, seed=4), normsim_p=[2, "inf"]
+        tau=0.01,
+        negclip=NegClipConfig(batch_size=batch_size, repeats=repeats, seed=4, window_batches=window_batches),
+        normsim_p=[2, "inf"],
     )
     res = ScoreConfig(actors=actors, cpus_per_actor=0.5, cpus_per_read=0.5, batch_size=5, gpus_per_actor=0)
     out = score_pool(embedded["pool"], embedded["target"], cfg, 0.01, res)
@@ -96,9 +90,13 @@ def test_ray_scores_equal_the_in_process_scores(ray_local, embedded, batch_size,
     np.testing.assert_allclose(out.scores["clipscore"], clip_score(image, text), **tol)
     np.testing.assert_allclose(out.scores["normsim_2"], norm_sim(image, target, 2.0), **tol)
     np.testing.assert_allclose(out.scores["normsim_inf"], norm_sim(image, target, math.inf), **tol)
-    expected, batches = neg_clip_loss(image, text, 0.01, batch_size, repeats, 4)
+    sizes = embedded["pool"].sizes
+    expected, batches = neg_clip_loss(
+        image, text, 0.01, batch_size, repeats, 4, sizes=sizes, window_batches=window_batches
+    )
     np.testing.assert_allclose(out.scores["negclip"], expected, rtol=0, atol=1e-5)
     assert out.batches == batches and batches.batch_size == min(batch_size, 33)
+    assert len(draw_windows(sizes, batches.window_rows, 0, 4)) == (3 if window_batches == 1 else 1)
     # 33 rows in calls of 5 rows: more calls than actors, yet each actor loaded the target exactly once
     assert 1 <= len(out.target_loads) <= actors and set(out.target_loads.values()) == {1}
 

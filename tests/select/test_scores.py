@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from cliplab.select.scores import clip_score, draw_batches, neg_clip_loss, norm_sim, teacher_tau
+from cliplab.select.scores import (
+    clip_score,
+    draw_batches,
+    draw_windows,
+    neg_clip_loss,
+    norm_sim,
+    teacher_tau,
+    window_rows_of,
+)
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 8) -> np.ndarray:
@@ -66,6 +74,36 @@ def test_neg_clip_loss_is_the_formula_over_the_drawn_batches(pool) -> None:
             r[idx[:counted]] += dense_r(v[idx], t[idx], tau)[:counted]
     np.testing.assert_allclose(score, (v * t).sum(1) - r / k, atol=1e-5)
     assert (used.batch_size, used.repeats, used.seed) == (8, 4, 7)
+
+
+SIZES = [6, 0, 9, 5, 7, 10]  # rows per shard of the 37-row pool; one shard is empty
+
+
+def test_windows_hold_whole_shards_once_and_at_least_w_rows() -> None:
+    for repeat in range(4):
+        windows = draw_windows(SIZES, 8, repeat, seed=3)
+        assert sorted(s for w in windows for s in w) == list(range(len(SIZES)))
+        assert len(windows) > 1 and all(sum(SIZES[s] for s in w) >= 8 for w in windows)
+        rows = np.concatenate([window_rows_of(w, SIZES) for w in windows])
+        assert sorted(rows.tolist()) == list(range(37))
+    assert len({str(draw_windows(SIZES, 8, k, 3)) for k in range(4)}) > 1  # each partition its own windows
+    assert draw_windows(SIZES, 19, 0, 3) == [list(range(len(SIZES)))]  # 37 < 2 W: the whole pool
+
+
+def test_windowed_neg_clip_loss_is_the_formula_over_each_windows_batches(pool) -> None:
+    v, t = pool
+    tau, bsz, k, seed = 0.05, 4, 3, 2
+    score, used = neg_clip_loss(v, t, tau, batch_size=bsz, repeats=k, seed=seed, sizes=SIZES, window_batches=2)
+    r = np.zeros(len(v))
+    for repeat in range(k):
+        for j, shards in enumerate(draw_windows(SIZES, 8, repeat, seed)):
+            rows = window_rows_of(shards, SIZES)
+            for idx, counted in draw_batches(len(rows), bsz, repeat, seed, j):
+                r[rows[idx[:counted]]] += dense_r(v[rows[idx]], t[rows[idx]], tau)[:counted]
+    np.testing.assert_allclose(score, (v * t).sum(1) - r / k, atol=1e-5)
+    assert used.window_rows == 8
+    whole, _ = neg_clip_loss(v, t, tau, batch_size=bsz, repeats=k, seed=seed)
+    assert np.abs(whole - score).max() > 1e-4  # windows change which rows share a batch
 
 
 def test_neg_clip_loss_reads_a_float16_memmap(tmp_path, pool) -> None:

@@ -17,6 +17,8 @@ from cliplab.data.shards import expand_urls
 from cliplab.errors import ConfigError, DataError
 from cliplab.select.recipes import Step
 
+WINDOW_BATCHES = 8  # negCLIPLoss draws batches inside windows of at least this many |B| rows
+
 
 class PoolConfig(Strict):
     """The candidate pool: WebDataset shards (brace lists, s3://, file:// or local paths)."""
@@ -69,6 +71,9 @@ class NegClipConfig(Strict):
     batch_size: int = Field(32768, gt=1, description="|B|; capped at the pool size (then deterministic)")
     repeats: int = Field(10, ge=1, description="K partitions averaged")
     seed: int = 0
+    window_batches: int = Field(
+        WINDOW_BATCHES, ge=1, description="batches are drawn inside windows of >= this many |B| (the memory unit)"
+    )
 
 
 class ScoresConfig(Strict):

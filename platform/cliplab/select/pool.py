@@ -43,6 +43,11 @@ class PoolIndex:
     def __len__(self) -> int:
         return sum(p.rows for p in self.parts)
 
+    @property
+    def sizes(self) -> list[int]:
+        """Rows per part, in pool order (what the negCLIPLoss windows are cut from)."""
+        return [p.rows for p in self.parts]
+
 
 def index_pool(out: str, urls: list[str], name: str) -> PoolIndex:
     """The complete shard outputs of `urls` under `out`, offsets from their markers (shards without output left out)."""

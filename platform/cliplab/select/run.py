@@ -91,11 +91,13 @@ def compute_scores(
     nc = cfg.scores.negclip
     if nc is not None and result.batches is not None:
         used["negclip.batch_size_used"] = result.batches.batch_size
+        used["negclip.window_rows"] = result.batches.window_rows
         log.info(
-            "select: negCLIPLoss, K=%d, |B|=%d (asked %d), %.1fs",
+            "select: negCLIPLoss, K=%d, |B|=%d (asked %d), windows of >= %d rows, %.1fs",
             nc.repeats,
             result.batches.batch_size,
             nc.batch_size,
+            min(result.batches.window_rows, n),
             speed["time/score_negclip_s"],
         )
         if result.batches.batch_size < nc.batch_size:
@@ -129,7 +131,14 @@ def static_params(cfg: SelectConfig, teacher: str, tau: float, tau_from: str) ->
         "recipe": params_line(cfg),
     }
     if nc is not None:
-        out.update({"negclip.K": nc.repeats, "negclip.batch_size": nc.batch_size, "negclip.seed": nc.seed})
+        out.update(
+            {
+                "negclip.K": nc.repeats,
+                "negclip.batch_size": nc.batch_size,
+                "negclip.seed": nc.seed,
+                "negclip.window_batches": nc.window_batches,
+            }
+        )
     for i, step in enumerate(cfg.recipe.steps, 1):
         out[f"step{i}.score"] = step.score
         out[f"step{i}.{'fraction' if step.fraction else 'threshold'}"] = step.fraction or step.threshold

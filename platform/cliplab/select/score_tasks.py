@@ -9,15 +9,16 @@ shard's offset plus the row's position in the file: the order the negCLIPLoss pa
   target's parquet outputs once, in its constructor, and keeps them on its device (the target is
   replicated once per actor, never sent through the driver); `scores.clip_score` and
   `scores.norm_sim` (chunked matmul) do the math.
-- negCLIPLoss (eq. 3): the driver draws the K partitions with `scores.draw_batches` (the seeded
-  permutations and ragged-batch filler rule of `scores.neg_clip_loss`) and puts one batch id per row
-  and repeat in the object store. A map stage emits each row once per repeat under the key
-  (repeat, batch), the ragged batch's filler rows a second time marked not counted; `groupby(key)`
-  regroups them (a hash shuffle), and `map_groups` runs `scores.normaliser` on each whole batch and
-  returns only (row, R term) pairs of the counted rows, which the driver averages per row.
+- negCLIPLoss (eq. 3): each of the K partitions cuts the pool into windows of whole shards
+  (`scores.draw_windows`, at least W = `window_batches` x |B| rows, the whole pool when it has fewer
+  than 2W), drawn by the driver as lists of shard numbers. One task per (partition, window) runs in
+  a second actor pool: it reads its window's shard outputs, draws the batches inside the window and
+  computes their normalisers (`scores.window_normalisers`, the function the in-process
+  `neg_clip_loss` calls), and returns (row, R term) for every row of the window.
 
-Everything that reaches the driver is a row index with float scores; the shuffle moves K copies of
-the pool's embeddings (plus |B| - r filler rows per repeat when |B| does not divide n) between workers.
+Everything that reaches the driver is a row index with float scores. Nothing is shuffled: a task holds
+one window (fewer than 2W rows plus one shard), so memory is bounded by W and the shard size, not by
+the pool, and every partition reads the pool's embeddings once.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import numpy as np
 import ray
 import torch
 
-from cliplab.select.config import ScoreConfig, ScoresConfig, normsim_name
+from cliplab.select.config import NegClipConfig, ScoreConfig, ScoresConfig, normsim_name
 from cliplab.select.pool import PoolIndex, ShardPart, embedding_matrix, read_part
-from cliplab.select.scores import Batches, clip_score, draw_batches, norm_sim, normaliser
+from cliplab.select.scores import Batches, clip_score, norm_sim, plan_windows, window_normalisers, window_rows_of
 
 log = logging.getLogger("cliplab.select")
 READ_CHUNK = 4096  # rows per block out of a read task
@@ -96,62 +97,25 @@ class ScoreActor:
         return out
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The K partitions: batch id per (repeat, row), each ragged batch's filler rows, batches per repeat."""
+class WindowActor:
+    """Ray Data actor: the R terms of eq. 3 from one partition for every row of one window of the pool."""
 
-    batch: np.ndarray  # (K, n) int32
-    fillers: list[np.ndarray]
-    per_repeat: int
-
-
-def plan_partitions(n: int, batch_size: int, repeats: int, seed: int) -> Plan:
-    """`draw_batches` for every repeat as one batch id per row; a single repeat when |B| >= n (deterministic)."""
-    ks = repeats if batch_size < n else 1
-    batch = np.empty((ks, n), dtype=np.int32)
-    fillers, per_repeat = [], 0
-    for k in range(ks):
-        drawn = draw_batches(n, batch_size, k, seed)
-        per_repeat = len(drawn)
-        for b, (idx, counted) in enumerate(drawn):
-            batch[k, idx[:counted]] = b
-        fillers.append(np.sort(drawn[-1][0][drawn[-1][1] :]))
-    return Plan(batch, fillers, per_repeat)
-
-
-def to_batches(batch: dict[str, np.ndarray], plan: ray.ObjectRef) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data map UDF: each row once per repeat, keyed (repeat, batch); ragged-batch fillers again, uncounted."""
-    p: Plan = ray.get(plan)
-    idx = batch["idx"]
-    for k in range(len(p.batch)):
-        base = k * p.per_repeat
-        fill = np.isin(idx, p.fillers[k])
-        yield {
-            "group": np.concatenate([base + p.batch[k, idx], np.full(int(fill.sum()), base + p.per_repeat - 1)]),
-            "idx": np.concatenate([idx, idx[fill]]),
-            "counted": np.concatenate([np.ones(len(idx), bool), np.zeros(int(fill.sum()), bool)]),
-            "image": np.concatenate([batch["image"], batch["image"][fill]]),
-            "text": np.concatenate([batch["text"], batch["text"][fill]]),
-        }
-
-
-class NormaliserActor:
-    """Ray Data group UDF: the R term of eq. 3 for every counted row of one whole batch."""
-
-    def __init__(self, tau: float, size: int, threads: int):
+    def __init__(self, pool: PoolIndex, tau: float, batch_size: int, seed: int, threads: int):
         torch.set_num_threads(threads)
-        self.device, self.tau, self.size = _device(), tau, size
+        self.device, self.pool, self.tau, self.batch_size, self.seed = _device(), pool, tau, batch_size, seed
 
     @torch.no_grad()
-    def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        order = np.argsort(group["idx"], kind="stable")  # pool order, as neg_clip_loss gathers a batch
-        if len(order) != self.size:
-            raise RuntimeError(f"negCLIPLoss batch {group['group'][0]} has {len(order)} rows, expected {self.size}")
-        v = torch.from_numpy(np.asarray(group["image"][order], np.float32)).to(self.device)
-        t = torch.from_numpy(np.asarray(group["text"][order], np.float32)).to(self.device)
-        norm = normaliser(v, t, self.tau).double().cpu().numpy()
-        keep = group["counted"][order]
-        return {"idx": group["idx"][order][keep], "norm": norm[keep]}
+    def __call__(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shards = [int(s) for s in item["shards"][0]]
+        parts = [read_part(self.pool.out, self.pool.parts[s], ["image_emb", "text_emb"]) for s in shards]
+        image = np.concatenate([embedding_matrix(t.column("image_emb")) for t in parts])
+        text = np.concatenate([embedding_matrix(t.column("text_emb")) for t in parts])
+        window = int(item["window"][0])
+        repeat = int(item["repeat"][0])
+        norm = window_normalisers(
+            image, text, self.tau, self.batch_size, repeat, self.seed, None if window < 0 else window, self.device
+        )
+        return {"idx": window_rows_of(shards, self.pool.sizes), "norm": norm}
 
 
 def _rows_dataset(pool: PoolIndex, res: ScoreConfig) -> ray.data.Dataset:
@@ -234,7 +198,7 @@ def score_pool(
     nc = cfg.negclip
     if nc is not None:
         t0 = time.perf_counter()
-        r, result.batches = _normalisers(pool, tau, nc.batch_size, nc.repeats, nc.seed, res)
+        r, result.batches = _normalisers(pool, tau, nc, res)
         scores["negclip"] = (scores["clipscore"] - r).astype(np.float32)
         result.seconds["score_negclip"] = time.perf_counter() - t0
     missing = [k for k, v in scores.items() if np.isnan(v).any()]
@@ -243,42 +207,41 @@ def score_pool(
     return result
 
 
-def _normalisers(
-    pool: PoolIndex, tau: float, batch_size: int, repeats: int, seed: int, res: ScoreConfig
-) -> tuple[np.ndarray, Batches]:
-    """R(i) of eq. 3, the mean over the K partitions, from a groupby over (repeat, batch) on Ray Data."""
-    if tau <= 0 or batch_size < 1 or repeats < 1:
-        raise ValueError(f"needs tau > 0, batch_size >= 1, repeats >= 1; got {tau}, {batch_size}, {repeats}")
+def _normalisers(pool: PoolIndex, tau: float, nc: NegClipConfig, res: ScoreConfig) -> tuple[np.ndarray, Batches]:
+    """R(i) of eq. 3, the mean over the K partitions, one actor call per (partition, window)."""
+    if tau <= 0:
+        raise ValueError(f"negCLIPLoss needs tau > 0, got {tau}")
     n = len(pool)
-    used = min(batch_size, n)
-    plan = plan_partitions(n, used, repeats, seed)
-    groups = len(plan.batch) * plan.per_repeat
+    batches, windows = plan_windows(pool.sizes, nc.batch_size, nc.repeats, nc.seed, nc.window_batches)
+    ks = batches.partitions
+    items = [{"repeat": w.repeat, "window": -1 if w.index is None else w.index, "shards": w.shards} for w in windows]
     log.info(
-        "select: negCLIPLoss, K=%d partitions of %d batches of |B|=%d (asked %d): %d rows regrouped",
-        len(plan.batch),
-        plan.per_repeat,
-        used,
-        batch_size,
-        groups * used,
+        "select: negCLIPLoss, K=%d partitions of |B|=%d (asked %d) in %d windows of >= %d rows",
+        ks,
+        batches.batch_size,
+        nc.batch_size,
+        len(items),
+        min(batches.window_rows, n),
     )
-    ds = (
-        _rows_dataset(pool, res)
-        .map_batches(to_batches, batch_size=None, num_cpus=res.cpus_per_read, fn_kwargs={"plan": ray.put(plan)})
-        .groupby("group", num_partitions=groups)
-        .map_groups(
-            NormaliserActor,
-            batch_format="numpy",
-            fn_constructor_kwargs={"tau": tau, "size": used, "threads": max(1, int(res.cpus_per_actor))},
-            **_actor_args(res),
-        )
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        WindowActor,
+        batch_size=1,
+        fn_constructor_kwargs={
+            "pool": pool,
+            "tau": tau,
+            "batch_size": batches.batch_size,
+            "seed": nc.seed,
+            "threads": max(1, int(res.cpus_per_actor)),
+        },
+        **_actor_args(res),
     )
     r = np.zeros(n, dtype=np.float64)
     seen = np.zeros(n, dtype=np.int64)
-    progress = _Progress("negCLIPLoss", n * len(plan.batch))
+    progress = _Progress("negCLIPLoss", n * ks)
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         np.add.at(r, b["idx"], b["norm"])
         np.add.at(seen, b["idx"], 1)
         progress.add(len(b["idx"]))
-    if (seen != len(plan.batch)).any():
-        raise RuntimeError(f"negCLIPLoss: {int((seen != len(plan.batch)).sum())} samples not scored once per partition")
-    return r / len(plan.batch), Batches(used, repeats, seed)
+    if (seen != ks).any():
+        raise RuntimeError(f"negCLIPLoss: {int((seen != ks).sum())} samples not scored once per partition")
+    return r / ks, batches
