@@ -101,5 +101,6 @@ def test_train_resume_continues_the_crashed_run_from_its_checkpoint(tmp_path: Pa
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("cli-runs").experiment_id])
     assert run.info.status == "FINISHED"
+    assert (run.data.params["deepspeed.zero_stage"], run.data.params["deepspeed.zero_stage_used"]) == ("1", "0")
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 4
     assert "resumed from checkpoint at step 2" in resumed.stdout + resumed.stderr

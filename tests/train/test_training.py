@@ -99,7 +99,7 @@ def test_train_tracks_checkpoints_and_exports(
     run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["objective"] == objective and run.data.tags["model"] == "inline"
-    assert run.data.params["deepspeed.zero_stage"] == str(zero)
+    assert run.data.params["deepspeed.zero_stage"] == run.data.params["deepspeed.zero_stage_used"] == str(zero)
     first_term = "loss_i2t" if objective == "clip" else "loss_clip"
     for key in (
         "loss",

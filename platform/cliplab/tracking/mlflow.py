@@ -147,6 +147,10 @@ class RunLogger:
 
         log_figure(self.client, self.run_id, fig, artifact_file)
 
+    def params(self, values: dict[str, Any]) -> None:
+        """Params known only once a worker runs (a resumed run logs the same values again, which MLflow allows)."""
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+
     def tags(self, values: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
 

@@ -58,6 +58,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     decoder = device_decoder(exp.data, pre.mean, pre.std, worker)
     tracker = _tracker(config, worker.rank, step if ckpt is not None else None)
+    if tracker:  # ZeRO-1/2 on one worker runs as ZeRO-0 (engine.zero_stage_for): say which stage ran
+        tracker.params({"deepspeed.zero_stage_used": engine.zero_optimization_stage()})
 
     batches, meter, flops, counted = iter(loader), Meter(), None, False
     peak = exp.train.peak_flops or device_peak_flops(worker.device, exp.deepspeed.precision)
