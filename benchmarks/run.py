@@ -10,7 +10,8 @@
    bytes per worker.
 4. objectives: MCD and holistic CLIP step time over the CLIP step's; the reader's samples/s over the step's.
 
-All sides read the same SynthScenes shards (written once under --workdir) with the same model, batch and fp32.
+All sides read the same SynthScenes shards (written once under --workdir) with the same model, batch and fp32
+(the ZeRO comparison: bf16 by default, `--zero-precision`).
 A table row is A against B: both sides' medians and the median and spread [min-max] of the per-pair ratios
 A/B. The cliplab sides connect to one local Ray started by this process (`RAY_ADDRESS`), so their start-up
 excludes starting Ray. Every side's output is kept in --workdir.
@@ -194,7 +195,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
         rows += _timing_rows("ddp", vs_ddp.compare(w, args.pairs, address), ">= 0.90", "")
     ray.shutdown()
     if "zero" in chosen:
-        large = dataclasses.replace(w, batch=args.zero_batch, steps=args.zero_steps, log_every=args.zero_steps // 3)
+        zero = {"batch": args.zero_batch, "steps": args.zero_steps, "log_every": args.zero_steps // 3}
+        large = dataclasses.replace(w, precision=args.zero_precision, **zero)
         rows += _zero_rows(zero_stages.compare(large, args.pairs, args.zero_stages))
     if "objectives" in chosen:
         objectives.single_process_group()
@@ -215,6 +217,12 @@ def main() -> None:
     p.add_argument("--zero-stages", type=int, nargs="+", default=[0, 1, 2, 3], help="ZeRO-0 first: the baseline")
     p.add_argument("--zero-batch", type=int, default=4)
     p.add_argument("--zero-steps", type=int, default=6)
+    p.add_argument(
+        "--zero-precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="the ZeRO comparison's precision: bf16 keeps fp32 master weights, the state ZeRO partitions",
+    )
     p.add_argument("--objective-steps", type=int, default=6, help="timed steps per objective measurement")
     p.add_argument("--workdir", type=Path, help="shards, configs and every side's log (default: a temporary one)")
     p.add_argument(
@@ -233,8 +241,8 @@ def main() -> None:
         rows = run(args, workdir)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(
-        f"\ncliplab benchmarks: {args.pairs} interleaved pair(s), batch {args.batch}/worker, fp32, "
-        f"{os.cpu_count()} cores; ratio = A/B per pair"
+        f"\ncliplab benchmarks: {args.pairs} interleaved pair(s), batch {args.batch}/worker, fp32 "
+        f"(ZeRO: {args.zero_precision}), {os.cpu_count()} cores; ratio = A/B per pair"
     )
     print(table(rows))
     if args.json:

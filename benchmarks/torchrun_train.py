@@ -38,6 +38,7 @@ from cliplab.train.engine import (
     param_groups,
     partition_config,
 )
+from cliplab.train.worker import DTYPES, Worker
 
 Step = Callable[[dict[str, Any]], None]
 
@@ -111,9 +112,10 @@ def main() -> None:
     module, optimizer, step = ddp_trainer(exp, model) if args.engine == "ddp" else deepspeed_trainer(exp, model, world)
     loader, _ = make_train_loader(exp.data, build_tokenizer(exp.model), pre.mean, pre.std, rank, world, None)
     batches = iter(loader)
+    worker = Worker(rank, world, torch.device("cpu"), DTYPES[exp.deepspeed.precision])  # images as a Ray worker casts
     for k in range(1, exp.train.steps + 1):
         batch = next(batches)
-        step({"image": batch["image"], "text": batch["text"]})
+        step(worker.to_device({"image": batch["image"], "text": batch["text"]}))
         if rank == 0 and (k % exp.train.log_every == 0 or k == exp.train.steps):
             print(f"[rank 0] step {k}/{exp.train.steps}", flush=True)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -27,7 +27,9 @@ NO_DECAY_HINTS = ("bias", "ln", "norm", "bn", "logit_scale", "positional_embeddi
 # Bucket sizes in elements. ZeRO-1/2: gradients are reduced in 50M-element buckets as backward produces them
 # (`overlap_comm`; a bucket is a contiguous buffer, `contiguous_gradients`), not in one 500M-element bucket
 # after it. ZeRO-3: at most ~2 large matrices gathered at once, so a worker holds its partition plus
-# about one layer's full weights instead of every gathered parameter.
+# about one layer's full weights instead of every gathered parameter, and the optimizer steps its partition
+# in sub-groups of ~10M elements (`sub_group_size`; DeepSpeed's 1e9 steps it whole), so the fp32 gradients
+# and the update's temporaries exist for one sub-group at a time.
 ZERO12_DEFAULTS: dict[str, Any] = {
     "overlap_comm": True,
     "contiguous_gradients": True,
@@ -42,6 +44,7 @@ ZERO3_DEFAULTS: dict[str, Any] = {
     "stage3_max_live_parameters": 3e7,
     "stage3_max_reuse_distance": 3e7,
     "stage3_param_persistence_threshold": 1e5,
+    "sub_group_size": 1e7,
 }
 
 
