@@ -18,7 +18,7 @@ from cliplab.config import Experiment
 from cliplab.data.device_decode import DeviceDecoder
 from cliplab.data.pipeline import StreamPosition, make_train_loader, resolve_pin_memory
 from cliplab.data.tokenize import build_tokenizer
-from cliplab.models.factory import build_model
+from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective, get_spec
 from cliplab.tracking.mlflow import RunLogger
 from cliplab.train import checkpoint
@@ -29,7 +29,6 @@ from cliplab.train.engine import (
     full_state_dict,
     partition_config,
 )
-from cliplab.train.evaluation import evaluate_at_step
 from cliplab.train.export import export_model
 from cliplab.train.faults import inject_crash
 from cliplab.train.step_metrics import progress_line, step_metrics
@@ -78,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             skipped = position.state_dict()["skipped"]
             metrics = step_metrics(values, engine.get_lr()[0], scale, meter.read(), skipped, flops, peak, worker.world)
         if exp.data.val_shards and exp.eval.every_steps and (step % exp.eval.every_steps == 0 or last):
-            metrics.update(evaluate_at_step(engine, exp, tokenizer, pre, worker, tracker, step))
+            metrics.update(_evaluate(engine, exp, tokenizer, pre, worker, tracker, step))
         if metrics and tracker:
             tracker.metrics(metrics, step)
             log.info(progress_line(step, exp.train.steps, metrics))
@@ -87,6 +86,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = full_state_dict(engine)
     if tracker:
         export_model(state, exp, tracker, config["export_dir"])
+
+
+def _evaluate(
+    engine: Any, exp: Experiment, tokenizer: Any, pre: Preprocess, worker: Worker, tracker: RunLogger | None, step: int
+) -> dict[str, float]:
+    """`evaluate_at_step`, imported at the first evaluation: a run without held-out data never loads the
+    evaluation's scipy and matplotlib (seconds of every worker's start-up)."""
+    from cliplab.train.evaluation import evaluate_at_step
+
+    return evaluate_at_step(engine, exp, tokenizer, pre, worker, tracker, step)
 
 
 def _tracker(config: dict[str, Any], rank: int, resumed_at: int | None) -> RunLogger | None:
