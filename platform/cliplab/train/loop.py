@@ -44,21 +44,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, pre = build_model(exp.model, partition_config(exp, worker.world))
     tokenizer = build_tokenizer(exp.model)
     objective = build_objective(exp.objective.name, exp.objective.params)
+    step, ckpt = 0, ray.train.get_checkpoint()
+    if ckpt is None:  # from the start of the stream: its loader workers read the first batch during DeepSpeed's set-up
+        batches, position = _open_stream(exp, tokenizer, pre, worker, None)
     engine = build_engine(model, exp, worker.world)
-
-    step, data_state, ckpt = 0, None, ray.train.get_checkpoint()
     if ckpt is not None:
         step, data_state, objective_state = checkpoint.restore(engine, ckpt, worker.rank)
         objective.load_state_dict(objective_state)
         log.info("resumed from checkpoint at step %d", step)
-    fields, pin = get_spec(exp.objective.name).batch_fields, resolve_pin_memory(exp.data, worker.device)
-    loader, position = make_train_loader(
-        exp.data, tokenizer, pre.mean, pre.std, worker.rank, worker.world, data_state, fields, pin
-    )
+        batches, position = _open_stream(exp, tokenizer, pre, worker, data_state)
     decoder = device_decoder(exp.data, pre.mean, pre.std, worker)
     tracker = _tracker(config, worker.rank, step if ckpt is not None else None)
 
-    batches, meter, flops, counted = iter(loader), Meter(), None, False
+    meter, flops, counted = Meter(), None, False
     peak = exp.train.peak_flops or device_peak_flops(worker.device, exp.deepspeed.precision)
     while step < exp.train.steps:
         micro = _micro_batches(batches, exp.train.accum_steps, meter, position, worker, decoder)
@@ -86,6 +84,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = full_state_dict(engine)
     if tracker:
         export_model(state, exp, tracker, config["export_dir"])
+
+
+def _open_stream(
+    exp: Experiment, tokenizer: Any, pre: Preprocess, worker: Worker, data_state: dict[str, Any] | None
+) -> tuple[Iterator[dict[str, Any]], StreamPosition]:
+    """This rank's batches from `data_state` (None: the start) and their position; the loader workers start now."""
+    fields, pin = get_spec(exp.objective.name).batch_fields, resolve_pin_memory(exp.data, worker.device)
+    loader, position = make_train_loader(
+        exp.data, tokenizer, pre.mean, pre.std, worker.rank, worker.world, data_state, fields, pin
+    )
+    return iter(loader), position
 
 
 def _evaluate(
