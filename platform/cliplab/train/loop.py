@@ -18,7 +18,7 @@ from cliplab.config import Experiment
 from cliplab.data.device_decode import DeviceDecoder
 from cliplab.data.pipeline import StreamPosition, make_train_loader, resolve_pin_memory
 from cliplab.data.tokenize import build_tokenizer
-from cliplab.models.factory import build_model
+from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective, get_spec
 from cliplab.tracking.mlflow import RunLogger
 from cliplab.train import checkpoint
@@ -29,7 +29,6 @@ from cliplab.train.engine import (
     full_state_dict,
     partition_config,
 )
-from cliplab.train.evaluation import evaluate_at_step
 from cliplab.train.export import export_model
 from cliplab.train.faults import inject_crash
 from cliplab.train.step_metrics import progress_line, step_metrics
@@ -45,23 +44,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, pre = build_model(exp.model, partition_config(exp, worker.world))
     tokenizer = build_tokenizer(exp.model)
     objective = build_objective(exp.objective.name, exp.objective.params)
+    step, ckpt = 0, ray.train.get_checkpoint()
+    if ckpt is None:  # from the start of the stream: its loader workers read the first batch during DeepSpeed's set-up
+        batches, position = _open_stream(exp, tokenizer, pre, worker, None)
     engine = build_engine(model, exp, worker.world)
-
-    step, data_state, ckpt = 0, None, ray.train.get_checkpoint()
     if ckpt is not None:
         step, data_state, objective_state = checkpoint.restore(engine, ckpt, worker.rank)
         objective.load_state_dict(objective_state)
         log.info("resumed from checkpoint at step %d", step)
-    fields, pin = get_spec(exp.objective.name).batch_fields, resolve_pin_memory(exp.data, worker.device)
-    loader, position = make_train_loader(
-        exp.data, tokenizer, pre.mean, pre.std, worker.rank, worker.world, data_state, fields, pin
-    )
+        batches, position = _open_stream(exp, tokenizer, pre, worker, data_state)
     decoder = device_decoder(exp.data, pre.mean, pre.std, worker)
     tracker = _tracker(config, worker.rank, step if ckpt is not None else None)
     if tracker:  # ZeRO-1/2 on one worker runs as ZeRO-0 (engine.zero_stage_for): say which stage ran
         tracker.params({"deepspeed.zero_stage_used": engine.zero_optimization_stage()})
 
-    batches, meter, flops, counted = iter(loader), Meter(), None, False
+    meter, flops, counted = Meter(), None, False
     peak = exp.train.peak_flops or device_peak_flops(worker.device, exp.deepspeed.precision)
     while step < exp.train.steps:
         micro = _micro_batches(batches, exp.train.accum_steps, meter, position, worker, decoder)
@@ -80,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             skipped = position.state_dict()["skipped"]
             metrics = step_metrics(values, engine.get_lr()[0], scale, meter.read(), skipped, flops, peak, worker.world)
         if exp.data.val_shards and exp.eval.every_steps and (step % exp.eval.every_steps == 0 or last):
-            metrics.update(evaluate_at_step(engine, exp, tokenizer, pre, worker, tracker, step))
+            metrics.update(_evaluate(engine, exp, tokenizer, pre, worker, tracker, step))
         if metrics and tracker:
             tracker.metrics(metrics, step)
             log.info(progress_line(step, exp.train.steps, metrics))
@@ -89,6 +86,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = full_state_dict(engine)
     if tracker:
         export_model(state, exp, tracker, config["export_dir"])
+
+
+def _open_stream(
+    exp: Experiment, tokenizer: Any, pre: Preprocess, worker: Worker, data_state: dict[str, Any] | None
+) -> tuple[Iterator[dict[str, Any]], StreamPosition]:
+    """This rank's batches from `data_state` (None: the start) and their position; the loader workers start now."""
+    fields, pin = get_spec(exp.objective.name).batch_fields, resolve_pin_memory(exp.data, worker.device)
+    loader, position = make_train_loader(
+        exp.data, tokenizer, pre.mean, pre.std, worker.rank, worker.world, data_state, fields, pin
+    )
+    return iter(loader), position
+
+
+def _evaluate(
+    engine: Any, exp: Experiment, tokenizer: Any, pre: Preprocess, worker: Worker, tracker: RunLogger | None, step: int
+) -> dict[str, float]:
+    """`evaluate_at_step`, imported at the first evaluation: a run without held-out data never loads the
+    evaluation's scipy and matplotlib (seconds of every worker's start-up)."""
+    from cliplab.train.evaluation import evaluate_at_step
+
+    return evaluate_at_step(engine, exp, tokenizer, pre, worker, tracker, step)
 
 
 def _tracker(config: dict[str, Any], rank: int, resumed_at: int | None) -> RunLogger | None:

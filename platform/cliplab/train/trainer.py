@@ -26,12 +26,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cliplab import storage as stores
 from cliplab.config import Experiment, dump_yaml
-from cliplab.errors import CliplabError, StorageError
+from cliplab.errors import CliplabError
 from cliplab.metrics import in_summary, is_headline
 from cliplab.tracking.mlflow import MODEL_URI_TAG, RunLogger, create_run, resolve_tracking_uri
-from cliplab.tracking.plots import loss_curves
-from cliplab.tracking.registry import register_export
-from cliplab.train.loop import train_loop_per_worker
+from cliplab.train.callbacks import StopOnStorageError
+from cliplab.train.entry import train_loop_per_worker
 from cliplab.worker_env import forwarded_env
 
 log = logging.getLogger("cliplab.trainer")
@@ -112,20 +111,6 @@ def loop_config(exp: Experiment, run_id: str, uri: str, storage: str, run_name: 
         "tracking_uri": uri,
         "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
     }
-
-
-class StopOnStorageError(ray.train.UserCallback):
-    """Fail the run at once when a worker hit a storage error (outage past its budget, refused credentials).
-
-    A worker-group restart would only wait out the same outage again (or be refused again), multiplying
-    the time to fail by `scaling.max_failures`. Ray Train's controller treats an error raised here as
-    its own, which it does not retry.
-    """
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        for error in worker_exceptions.values():
-            if isinstance(error, StorageError):
-                raise error
 
 
 def build_trainer(
@@ -240,6 +225,10 @@ def finish_run(
     exp: Experiment, tracker: RunLogger, run_name: str, status: str = "FINISHED", register: bool = True
 ) -> None:
     """Driver-side artifacts (resolved config, loss and eval curves, the registered model), then the status."""
+    # imported here, once the run is over: matplotlib and MLflow's model flavours cost the start-up seconds
+    from cliplab.tracking.plots import loss_curves
+    from cliplab.tracking.registry import register_export
+
     run = tracker.client.get_run(tracker.run_id)
     metrics = run.data.metrics
     export = run.data.tags.get(MODEL_URI_TAG)
