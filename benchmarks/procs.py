@@ -1,9 +1,13 @@
 """Run one training command as a user would and time its progress lines: start-up and steady-state samples/s.
 
 Each line is timestamped as it arrives; a side's parser turns a progress line into the samples trained so
-far. Steady state is the rate between the second and the last progress line (the first window holds
-start-up and first-step work); start-up is the time to the end of the first step, the first line's time
-less the steady-state time of the steps it reported after the first.
+far. Steady state is the rate from the first progress line at or past a third of the run's samples (and
+never before the second line: the first window holds start-up and first-step work) to the last line. The
+window starts at the same point of the run on every side, whichever steps each side logs (open_clip_train
+logs after its first step, cliplab after its `log_every`-th), and spans most of the run, so that a line's
+delivery jitter (cliplab's lines reach the driver through Ray's log monitor, ~0.03-0.2 s) is small
+against it. Start-up is the time to the end of the first step, the first line's time less the
+steady-state time of the steps it reported after the first.
 """
 
 from __future__ import annotations
@@ -31,9 +35,16 @@ def summarise(points: Sequence[tuple[float, int]], samples_per_step: int) -> tup
     """(start-up s, steady samples/s) from (seconds since launch, samples done) at each progress line."""
     if len(points) < 3:
         raise ValueError(f"need at least 3 progress lines for a steady-state rate, got {len(points)}")
-    (t1, n1), (t2, n2), (tn, nn) = points[0], points[1], points[-1]
+    (t1, n1), (tn, nn) = points[0], points[-1]
+    t2, n2 = steady_start(points)
     rate = (nn - n2) / (tn - t2)
     return t1 - (n1 - samples_per_step) / rate, rate
+
+
+def steady_start(points: Sequence[tuple[float, int]]) -> tuple[float, int]:
+    """The point the steady-state window starts at: the first from the second on at or past 1/3 of the samples."""
+    third = points[-1][1] / 3
+    return next((p for p in points[1:-1] if p[1] >= third), points[1])
 
 
 def bench_results(line: str) -> list[dict]:

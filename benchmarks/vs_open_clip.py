@@ -1,8 +1,8 @@
 """cliplab (`cliplab train`, 1 Ray worker, ZeRO-2) against open_clip's own trainer (`python -m open_clip_train.main`).
 
-Same shards, model config, batch, precision (fp32), torch threads and DataLoader workers. open_clip_train's
-data stage needs webdataset <= 0.2.86: that version is installed into a directory of its own, put first on
-PYTHONPATH for the open_clip_train subprocess only.
+Same shards, model config, batch, precision (fp32), gradient clipping, torch threads and DataLoader workers.
+open_clip_train's data stage needs webdataset <= 0.2.86: that version is installed into a directory of its
+own, put first on PYTHONPATH for the open_clip_train subprocess only.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def open_clip_command(
         precision or w.precision,
         "--log-every-n-steps",
         str(w.log_every),
+        "--grad-clip-norm",  # open_clip_train clips nothing unless told; cliplab and torchrun clip
+        str(w.grad_clip),
         "--save-frequency",
         "0",
         "--device",

@@ -45,6 +45,7 @@ class Workload:
     steps: int
     log_every: int
     precision: str = "fp32"
+    grad_clip: float = 1.0  # gradient-norm clipping: cliplab's default, given to every side
 
     def cliplab_config(self, name: str, model: dict[str, Any], workers: int, zero: int, threads: int) -> Path:
         """A cliplab experiment YAML for this workload (no evaluation, no checkpoint before the last step)."""
@@ -67,7 +68,7 @@ class Workload:
                 "crop_scale": [0.9, 1.0],  # open_clip's RandomResizedCrop scale
             },
             "model": {"config": model},
-            "deepspeed": {"zero_stage": zero, "precision": self.precision},
+            "deepspeed": {"zero_stage": zero, "precision": self.precision, "grad_clip": self.grad_clip},
             "train": {
                 "steps": self.steps,
                 "log_every": self.log_every,

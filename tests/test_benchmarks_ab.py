@@ -53,10 +53,26 @@ def test_spread_is_median_and_range():
         ab.spread([])
 
 
-def test_bench_results_reads_every_object_of_a_line_two_ranks_shared() -> None:
+def _procs():
     spec = importlib.util.spec_from_file_location("benchmarks_procs", _AB.with_name("procs.py"))
     procs = sys.modules["benchmarks_procs"] = importlib.util.module_from_spec(spec)  # dataclasses need it there
     spec.loader.exec_module(procs)
+    return procs
+
+
+def test_bench_results_reads_every_object_of_a_line_two_ranks_shared() -> None:
+    procs = _procs()
     shared = 'BENCH {"rank": 0, "peak": 1}BENCH {"rank": 1, "peak": 2}\n'
     assert procs.bench_results(shared) == [{"rank": 0, "peak": 1}, {"rank": 1, "peak": 2}]
     assert procs.bench_results("[rank 0] step 3/12 | loss 1.0\n") == []
+
+
+def test_steady_window_starts_at_the_same_point_of_the_run_whichever_steps_a_side_logs() -> None:
+    procs = _procs()
+    cliplab = [(float(k), k) for k in range(6, 37, 6)]  # after steps 6, 12, ..., 36
+    open_clip = [(float(k), k) for k in (1, 7, 13, 19, 25, 31, 36)]  # after step 1, then every 6th, then the last
+    assert procs.steady_start(cliplab) == (12.0, 12)
+    assert procs.steady_start(open_clip) == (13.0, 13)
+    assert procs.steady_start([(2.0, 2), (4.0, 4), (6.0, 6)]) == (4.0, 4)  # never the first line
+    startup, rate = procs.summarise([(10.0, 1), (11.0, 2), (12.0, 3), (13.0, 4)], 1)
+    assert (startup, rate) == (10.0, 1.0)
