@@ -20,7 +20,7 @@ from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.errors import ConfigError
 from cliplab.sweep.config import load_sweep
 from cliplab.sweep.runner import run_sweep
-from cliplab.tracking.mlflow import params_of
+from cliplab.tracking.mlflow import ZERO_STAGE_USED, params_of
 from fixtures_services import assert_no_secret_leaked
 from tiny_models import tiny_model
 
@@ -115,7 +115,7 @@ def test_sweep_tracks_parent_children_and_a_failing_trial(ray_local, sweep_bucke
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert len(children) == 2
-    plain_params = set(params_of(validate_tree(base_tree)))
+    plain_params = set(params_of(validate_tree(base_tree))) | {ZERO_STAGE_USED}  # the config's, and the stage run
     for child in children:
         assert set(child.data.params) == plain_params, "a trial logs exactly a plain training run's params"
         crash = child.data.params["train.crash_at_step"]

@@ -91,6 +91,9 @@ def run_tags(exp: Experiment, extra: dict[str, str] | None = None) -> dict[str, 
     }
 
 
+ZERO_STAGE_USED = "deepspeed.zero_stage_used"  # the one param rank 0 logs itself: the ZeRO stage the engine ran
+
+
 def params_of(exp: Experiment) -> dict[str, str]:
     """Flattened config as MLflow params (values cut to MLflow's limit)."""
     return {k: str(v)[:MAX_PARAM_LEN] for k, v in exp.flat().items()}

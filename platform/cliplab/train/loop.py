@@ -20,7 +20,7 @@ from cliplab.data.pipeline import StreamPosition, make_train_loader, resolve_pin
 from cliplab.data.tokenize import build_tokenizer
 from cliplab.models.factory import Preprocess, build_model
 from cliplab.objectives.registry import build_objective, get_spec
-from cliplab.tracking.mlflow import RunLogger
+from cliplab.tracking.mlflow import ZERO_STAGE_USED, RunLogger
 from cliplab.train import checkpoint
 from cliplab.train.engine import (
     build_engine,
@@ -56,7 +56,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     decoder = device_decoder(exp.data, pre.mean, pre.std, worker)
     tracker = _tracker(config, worker.rank, step if ckpt is not None else None)
     if tracker:  # ZeRO-1/2 on one worker runs as ZeRO-0 (engine.zero_stage_for): say which stage ran
-        tracker.params({"deepspeed.zero_stage_used": engine.zero_optimization_stage()})
+        tracker.params({ZERO_STAGE_USED: engine.zero_optimization_stage()})
 
     meter, flops, counted = Meter(), None, False
     peak = exp.train.peak_flops or device_peak_flops(worker.device, exp.deepspeed.precision)
