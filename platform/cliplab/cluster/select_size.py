@@ -66,7 +66,7 @@ def check_score_fits(group: dict[str, Any], score: ScoreConfig) -> None:
     """Refuse a `score` section whose actors need more CPUs or GPUs than the sized worker group has."""
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     nodes, gpus = group["replicas"], int(limits.get("nvidia.com/gpu", 0))
-    per_actor_gpus = score.gpus_per_actor if score.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    per_actor_gpus = score.gpus(gpus > 0)
     have_cpus = nodes * (int(limits["cpu"]) - OVERHEAD_CPUS)
     if score.actors * score.cpus_per_actor + score.cpus_per_read > have_cpus:
         raise ConfigError(

@@ -159,6 +159,12 @@ class ScoreConfig(Strict):
     cpus_per_read: float = Field(1.0, gt=0, description="CPUs per read task (one per shard output)")
     memory_per_actor_gb: float | None = Field(None, gt=0, description="heap to reserve per actor (Ray budgets none)")
 
+    def gpus(self, cluster_has_gpus: bool) -> float:
+        """GPUs per scoring actor: `gpus_per_actor`, or when unset 1 on a cluster with GPUs, else 0 (CPU actors)."""
+        if self.gpus_per_actor is not None:
+            return self.gpus_per_actor
+        return 1.0 if cluster_has_gpus else 0.0
+
 
 class ReshardConfig(Strict):
     """Write the selected samples as new WebDataset shards (members copied byte for byte)."""

@@ -78,6 +78,12 @@ def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
     return flat.values.to_numpy(zero_copy_only=False).reshape(len(flat), -1).astype(np.float16, copy=False)
 
 
+def read_embeddings(out: str, part: ShardPart) -> tuple[np.ndarray, np.ndarray]:
+    """One shard output's (image, text) embeddings as (n, d) float16 arrays."""
+    table = read_part(out, part, ["image_emb", "text_emb"])
+    return embedding_matrix(table.column("image_emb")), embedding_matrix(table.column("text_emb"))
+
+
 def read_meta(index: PoolIndex) -> pa.Table:
     """The per-sample metadata (uid, key, shard, noisy) of the whole pool in pool order, without embeddings."""
     return pa.concat_tables([read_part(index.out, p, list(META)) for p in index.parts])

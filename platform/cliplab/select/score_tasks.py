@@ -36,8 +36,16 @@ import ray
 import torch
 
 from cliplab.select.config import NegClipConfig, ScoreConfig, ScoresConfig, normsim_name
-from cliplab.select.pool import PoolIndex, ShardPart, embedding_matrix, read_part
-from cliplab.select.scores import Batches, clip_score, norm_sim, plan_windows, window_normalisers, window_rows_of
+from cliplab.select.pool import PoolIndex, ShardPart, embedding_matrix, read_embeddings, read_part
+from cliplab.select.scores import (
+    Batches,
+    Window,
+    clip_score,
+    norm_sim,
+    plan_windows,
+    window_normalisers,
+    window_rows_of,
+)
 
 log = logging.getLogger("cliplab.select")
 READ_CHUNK = 4096  # rows per block out of a read task
@@ -58,8 +66,7 @@ def read_rows(batch: dict[str, np.ndarray], out: str, threads: int) -> Iterator[
     """Ray Data read UDF: the embeddings of each shard output in `batch`, rows numbered by their pool index."""
     torch.set_num_threads(threads)
     for part in map(ShardPart, *(batch[k].tolist() for k in ("url", "path", "offset", "rows"))):
-        table = read_part(out, part, ["image_emb", "text_emb"])
-        image, text = embedding_matrix(table.column("image_emb")), embedding_matrix(table.column("text_emb"))
+        image, text = read_embeddings(out, part)
         for s in range(0, part.rows, READ_CHUNK):
             stop = min(s + READ_CHUNK, part.rows)
             yield {"idx": np.arange(part.offset + s, part.offset + stop), "image": image[s:stop], "text": text[s:stop]}
@@ -98,24 +105,23 @@ class ScoreActor:
 
 
 class WindowActor:
-    """Ray Data actor: the R terms of eq. 3 from one partition for every row of one window of the pool."""
+    """Ray Data actor: the R terms of eq. 3 from one partition for every row of one window of the pool.
 
-    def __init__(self, pool: PoolIndex, tau: float, batch_size: int, seed: int, threads: int):
+    Every window of the plan comes with the constructor (a few shard numbers each); a call names one.
+    """
+
+    def __init__(self, pool: PoolIndex, windows: list[Window], tau: float, batch_size: int, seed: int, threads: int):
         torch.set_num_threads(threads)
-        self.device, self.pool, self.tau, self.batch_size, self.seed = _device(), pool, tau, batch_size, seed
+        self.device, self.pool, self.windows = _device(), pool, windows
+        self.tau, self.batch_size, self.seed = tau, batch_size, seed
 
     @torch.no_grad()
     def __call__(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shards = [int(s) for s in item["shards"][0]]
-        parts = [read_part(self.pool.out, self.pool.parts[s], ["image_emb", "text_emb"]) for s in shards]
-        image = np.concatenate([embedding_matrix(t.column("image_emb")) for t in parts])
-        text = np.concatenate([embedding_matrix(t.column("text_emb")) for t in parts])
-        window = int(item["window"][0])
-        repeat = int(item["repeat"][0])
-        norm = window_normalisers(
-            image, text, self.tau, self.batch_size, repeat, self.seed, None if window < 0 else window, self.device
-        )
-        return {"idx": window_rows_of(shards, self.pool.sizes), "norm": norm}
+        w = self.windows[int(item["window"][0])]
+        parts = [read_embeddings(self.pool.out, self.pool.parts[s]) for s in w.shards]
+        image, text = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        norm = window_normalisers(image, text, self.tau, self.batch_size, w.repeat, self.seed, w.index, self.device)
+        return {"idx": window_rows_of(w.shards, self.pool.sizes), "norm": norm}
 
 
 def _rows_dataset(pool: PoolIndex, res: ScoreConfig) -> ray.data.Dataset:
@@ -138,10 +144,8 @@ def _actor_args(res: ScoreConfig) -> dict[str, Any]:
 
 
 def gpus_per_actor(res: ScoreConfig) -> float:
-    """`score.gpus_per_actor`, or when unset 1 if the Ray cluster has a GPU, else 0 (CPU actors)."""
-    if res.gpus_per_actor is not None:
-        return res.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    """GPUs per scoring actor on the Ray cluster this job runs on."""
+    return res.gpus(ray.cluster_resources().get("GPU", 0) >= 1)
 
 
 class _Progress:
@@ -209,25 +213,24 @@ def score_pool(
 
 def _normalisers(pool: PoolIndex, tau: float, nc: NegClipConfig, res: ScoreConfig) -> tuple[np.ndarray, Batches]:
     """R(i) of eq. 3, the mean over the K partitions, one actor call per (partition, window)."""
-    if tau <= 0:
-        raise ValueError(f"negCLIPLoss needs tau > 0, got {tau}")
     n = len(pool)
     batches, windows = plan_windows(pool.sizes, nc.batch_size, nc.repeats, nc.seed, nc.window_batches)
     ks = batches.partitions
-    items = [{"repeat": w.repeat, "window": -1 if w.index is None else w.index, "shards": w.shards} for w in windows]
     log.info(
         "select: negCLIPLoss, K=%d partitions of |B|=%d (asked %d) in %d windows of >= %d rows",
         ks,
         batches.batch_size,
         nc.batch_size,
-        len(items),
+        len(windows),
         min(batches.window_rows, n),
     )
+    items = [{"window": i} for i in range(len(windows))]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         WindowActor,
         batch_size=1,
         fn_constructor_kwargs={
             "pool": pool,
+            "windows": windows,
             "tau": tau,
             "batch_size": batches.batch_size,
             "seed": nc.seed,
