@@ -3,7 +3,8 @@
 Ray 2.60's Train V2 pattern (ray-stack.md §1): the trial function builds and fits the TorchTrainer, and a
 `TuneReportCallback` hands rank 0's reports to Tune. The Train run is named `<sweep>-<trial id>`, so a
 retried or restored trial resumes its own run from its last checkpoint, and its MLflow child run is looked
-up by trial id before one is created, so a restored sweep never duplicates it.
+up by trial id before one is created, so a restored sweep never duplicates it. A restored trial whose child
+run had already finished is not trained again: its recorded final metrics are reported to Tune.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def child_run(exp: Experiment, uri: str, parent_run_id: str, sweep: str, trial_i
     return create_run(exp, uri, f"{sweep}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
 
 
+def finished_result(client: MlflowClient, run_id: str, steps: int) -> dict[str, float] | None:
+    """The final metrics of a child run that trained to its end, else None.
+
+    Tune saves its own state at most every 10 s, so a sweep stopped just after a trial finished restores
+    that trial as unfinished, with an older result. Its Train run would resume at its last step and
+    report nothing, and the sweep would take the old result for an early stop; the child run's final
+    metrics are what Tune missed.
+    """
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED" or run.data.tags.get(STATUS_TAG) != "TERMINATED":
+        return None
+    return {**run.data.metrics, "step": steps}
+
+
 def run_trial(
     point: dict[str, Any],
     *,
@@ -85,6 +100,11 @@ def run_trial(
     run_name = f"{sweep}-{trial_id}"
     run_id = child_run(exp, uri, parent_run_id, sweep, trial_id, point)
     tracker = RunLogger(uri, run_id)
+    done = finished_result(tracker.client, run_id, exp.train.steps)
+    if done is not None:
+        log.info("trial %s had finished before the sweep stopped: its recorded result is reported again", trial_id)
+        tune.report(done)
+        return
     tracker.tags({STATUS_TAG: "RUNNING"})
     trainer = build_trainer(
         exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage, callbacks=[MetricReports(metric)]
