@@ -206,6 +206,9 @@ class TrainConfig(Strict):
     crash_at_step: int | None = Field(
         None, ge=0, description="fault injection: raise once at this step (tests of resume); never in real runs"
     )
+    step_delay_s: float | None = Field(
+        None, ge=0, description="fault drills: sleep this long after every step, so a kill lands mid-run"
+    )
 
 
 class ScalingSection(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 BUCKET = "faults"
 TINY_MODEL = tiny_model(image=32, patch=16, heads=1)
 RECOVERY_BOUND_S = 420  # correctness bound (well inside pytest-timeout), not a speed target
+STEP_DELAY_S = 1.0  # paces the tiny model's steps, so a kill or an outage lands between two known steps
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def experiment(tmp_path: Path, mlflow_uri: str, shards: str, **sections: dict[st
         "model": {"config": TINY_MODEL},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "deepspeed": {"zero_stage": 1, "precision": "fp32"},
-        "train": {"steps": 30, "log_every": 1, "checkpoint_every": 6},
+        "train": {"steps": 30, "log_every": 1, "checkpoint_every": 6, "step_delay_s": STEP_DELAY_S},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1, "collective_timeout_s": 60},
         "storage": {"path": f"s3://{BUCKET}/runs/{tmp_path.name}"},
         "tracking": {"tracking_uri": mlflow_uri, "experiment": "faults"},
@@ -89,6 +91,19 @@ def checkpoints(storage: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in found)
 
 
+def registered_step(storage: str) -> int:
+    """The step of the latest checkpoint Ray Train has registered (its controller's snapshot), 0 before one.
+
+    A worker uploads a checkpoint during its report; the controller registers it at its next poll of the
+    workers (every 2 s). A run that fails in between resumes from the checkpoint registered before.
+    """
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_manager_snapshot.json")
+    latest = json.loads(fs.cat_file(found[0])).get("latest_checkpoint_result") if found else None
+    return int(latest["checkpoint_dir_name"].removeprefix("checkpoint_step")) if latest else 0
+
+
 def last_logged_step(client: MlflowClient) -> int:
     """The latest `loss` step of the only run in the test's MLflow store (0 before the first)."""
     found = client.get_experiment_by_name("faults")
@@ -104,13 +119,12 @@ def test_sigkilled_worker_is_detected_and_run_resumes_from_checkpoint(ray_local,
     exp = experiment(tmp_path, mlflow_uri, fault_shards)
     thread, out = in_thread(run_training, exp)
     client = MlflowClient(mlflow_uri)
-    after_checkpoint = exp.train.checkpoint_every + 2  # the step-6 report (a barrier) has completed
-    wait_for(lambda: last_logged_step(client) >= after_checkpoint, 300, f"step {after_checkpoint}")
+    wait_for(lambda: registered_step(exp.storage.path) >= exp.train.checkpoint_every, 300, "a registered checkpoint")
     workers = wait_for(lambda: len(w := train_workers()) == 2 and w, 30, "two train workers")
     victim = workers[-1]
     loader_children = victim.children(recursive=True)
     assert loader_children, "the DataLoader worker is a child of the Ray worker"
-    saved = checkpoints(exp.storage.path)
+    latest = registered_step(exp.storage.path)
     killed_at = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
 
@@ -127,8 +141,7 @@ def test_sigkilled_worker_is_detected_and_run_resumes_from_checkpoint(ray_local,
     outcome = out["result"]
     assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
     resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
-    latest = int(saved[-1].removeprefix("checkpoint_step"))
-    assert len(resumed) == 1 and resumed[0] >= latest > 0, (resumed, saved)
+    assert len(resumed) == 1 and resumed[0] >= latest > 0, (resumed, latest)
     assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, exp.train.steps + 1)), "each step logged once"
     print(f"recovered from the SIGKILL in {recovery:.0f} s, resumed at step {resumed[0]:.0f}")
 
@@ -151,7 +164,7 @@ def test_sigint_marks_run_killed_and_resume_continues_it_once(ray_local, fault_s
         )
     client = MlflowClient(mlflow_uri)
     try:
-        wait_for(lambda: last_logged_step(client) >= 8, 300, "step 8 of the driver's run")
+        wait_for(lambda: registered_step(exp.storage.path) >= 6, 300, "the step-6 checkpoint of the driver's run")
         driver.send_signal(signal.SIGINT)
         driver.wait(120)
     finally:
@@ -263,6 +276,7 @@ def test_kill_during_checkpoint_upload_resumes_from_the_previous_complete_one(
     thread, out = in_thread(run_training, exp)
     client = MlflowClient(mlflow_uri)
     wait_for(lambda: last_logged_step(client) >= 11, 300, "step 11")
+    assert registered_step(exp.storage.path) == 6, "the step-6 checkpoint is registered before the outage"
     proxy.down()  # the step-12 upload now waits for the endpoint (shards for steps 9-16 are already read)
     seen: list[str] = []
 

@@ -107,7 +107,11 @@ def run_trial(
         return
     tracker.tags({STATUS_TAG: "RUNNING"})
     trainer = build_trainer(
-        exp, run_name, loop_config(exp, run_id, uri, storage, run_name), storage, callbacks=[MetricReports(metric)]
+        exp,
+        run_name,
+        loop_config(exp, run_id, uri, storage, run_name, report_metrics=True),
+        storage,
+        callbacks=[MetricReports(metric)],
     )
     try:
         trainer.fit()

@@ -30,7 +30,7 @@ from cliplab.train.engine import (
     partition_config,
 )
 from cliplab.train.export import export_model
-from cliplab.train.faults import inject_crash
+from cliplab.train.faults import inject_crash, inject_delay
 from cliplab.train.step_metrics import progress_line, step_metrics
 from cliplab.train.throughput import Meter, device_peak_flops, training_flops_per_sample
 from cliplab.train.worker import Worker, device_decoder, start_worker
@@ -69,6 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         meter.add(exp.data.batch_size * exp.train.accum_steps * worker.world)
         inject_crash(exp, step, resumed=ckpt is not None)
+        inject_delay(exp)
 
         last = step == exp.train.steps
         metrics: dict[str, float] = {}
@@ -81,7 +82,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if metrics and tracker:
             tracker.metrics(metrics, step)
             log.info(progress_line(step, exp.train.steps, metrics))
-        _report(engine, objective, position, worker, step, metrics, step % exp.train.checkpoint_every == 0 or last)
+        due = step % exp.train.checkpoint_every == 0 or last
+        _report(engine, objective, position, worker, step, metrics if config["report_metrics"] else {}, due)
 
     state = full_state_dict(engine)
     if tracker:
@@ -148,7 +150,8 @@ def _report(
     metrics: dict[str, float],
     with_checkpoint: bool,
 ) -> None:
-    """`ray.train.report` on every rank: with a checkpoint (engine, stream position, objective state) when due."""
+    """`ray.train.report` on every rank: with a checkpoint (engine, stream position, objective state) when due,
+    else the step's metrics when there are any to hand over."""
     if with_checkpoint:
         tmp = checkpoint.save(engine, step, position.state_dict(), worker.rank, objective.state_dict())
         ray.train.report(

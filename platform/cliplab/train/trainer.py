@@ -103,13 +103,21 @@ def _mlflow_run(
     return run_id
 
 
-def loop_config(exp: Experiment, run_id: str, uri: str, storage: str, run_name: str) -> dict[str, Any]:
-    """What every worker's `train_loop_per_worker` receives."""
+def loop_config(
+    exp: Experiment, run_id: str, uri: str, storage: str, run_name: str, report_metrics: bool = False
+) -> dict[str, Any]:
+    """What every worker's `train_loop_per_worker` receives.
+
+    `report_metrics`: hand every logged step's metrics to Ray Train (a sweep's scheduler reads them). A
+    plain run reports only its checkpoints: rank 0 logs metrics to MLflow itself, and Ray Train's
+    controller takes one report per worker per poll (every 2 s), so a report sent sooner blocks the step.
+    """
     return {
         "experiment": exp.model_dump(mode="json"),
         "mlflow_run_id": run_id,
         "tracking_uri": uri,
         "export_dir": f"{storage.rstrip('/')}/{run_name}/export",
+        "report_metrics": report_metrics,
     }
 
 
