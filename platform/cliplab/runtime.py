@@ -14,6 +14,7 @@ from cliplab.resources import worker_resources
 
 log = logging.getLogger("cliplab.runtime")
 DASHBOARD_VAR = "CLIPLAB_RAY_DASHBOARD"  # the local Ray's dashboard costs seconds of start-up; off unless asked
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -29,9 +30,22 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         "starting a local Ray instance on 127.0.0.1 (%s; RAY_ADDRESS=auto reuses a running `ray start --head`)",
         "with its dashboard" if dashboard else f"no dashboard: {DASHBOARD_VAR}=1 starts one",
     )
-    context = start_local_ray(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, log_to_driver=True)
+    hook = {} if dashboard else {"runtime_env": {"worker_process_setup_hook": f"{__name__}.quiet_pg_cleaner"}}
+    context = start_local_ray(
+        num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, log_to_driver=True, **hook
+    )
     if dashboard and context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
+
+
+def quiet_pg_cleaner() -> None:
+    """Worker set-up hook of a local Ray without a dashboard: drop Ray Train's placement-group cleaner warnings.
+
+    The cleaner asks the state API (served by the dashboard) once a second whether the run's controller lives
+    and warns on every failure, hundreds of lines a run. A local instance ends with this process, placement
+    groups included, so there is nothing left for it to clean.
+    """
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def start_local_ray(**init_kwargs: Any) -> Any:
