@@ -10,6 +10,10 @@ import pytest
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
 from fixtures_services import TEST_SECRETS, mlflow_uri, process_group, ray_local  # noqa: F401  (fixtures)
 
+# Ray Train's controller polls its workers every 2 s; a worker's report, and a run's end, wait for the next poll.
+# The suite's runs last seconds, so here it polls every 0.5 s (before any Ray starts; subprocesses inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def s3_server():

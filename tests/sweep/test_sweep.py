@@ -250,7 +250,8 @@ def test_a_killed_trial_worker_resumes_its_trial_from_its_checkpoint(ray_local, 
     from processes import train_workers
 
     path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3]}}, scheduler={"name": "fifo"})
-    sweep, base_tree = load_sweep(path, ["train.steps=10", "scaling.max_failures=1", "eval.every_steps=5"])
+    overrides = ["train.steps=10", "train.step_delay_s=0.5", "scaling.max_failures=1", "eval.every_steps=5"]
+    sweep, base_tree = load_sweep(path, overrides)  # paced steps: the kill lands well before step 10
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(outcome=run_sweep(sweep, base_tree, path)), daemon=True)
     thread.start()

@@ -95,7 +95,8 @@ def registered_step(storage: str) -> int:
     """The step of the latest checkpoint Ray Train has registered (its controller's snapshot), 0 before one.
 
     A worker uploads a checkpoint during its report; the controller registers it at its next poll of the
-    workers (every 2 s). A run that fails in between resumes from the checkpoint registered before.
+    workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 0.5 s in the suite). A run that fails in between resumes from the
+    checkpoint registered before.
     """
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
