@@ -41,6 +41,14 @@ def test_overrides_and_p_values(tmp_path) -> None:
     assert cfg.scores.negclip.batch_size == 64 and cfg.embed.gpus_per_actor == 1
 
 
+def test_actor_pools_take_a_gpu_where_the_cluster_has_one_unless_told(tmp_path) -> None:
+    cfg = load_selection(write(tmp_path, BASE))
+    for pool in (cfg.embed, cfg.score):
+        assert pool.gpus_per_actor is None and (pool.gpus(True), pool.gpus(False)) == (1.0, 0.0)
+    cpu = load_selection(write(tmp_path, BASE), ["embed.gpus_per_actor=0", "score.gpus_per_actor=0"])
+    assert cpu.embed.gpus(True) == cpu.score.gpus(True) == 0.0
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

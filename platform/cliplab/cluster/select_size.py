@@ -2,7 +2,8 @@
 
 The embedding pass sizes the group; the scoring pass after it reuses these workers, so a `score` section
 asking for more CPUs or GPUs than the group holds is refused (`check_score_fits`). Embedding runs
-`embed.actors` teacher actors, each with `gpus_per_actor` GPUs and `cpus_per_actor` CPUs, fed by
+`embed.actors` teacher actors, each with `gpus_per_actor` GPUs (unset: none, since no cluster exists yet
+to look at; a job on it then finds no GPUs either) and `cpus_per_actor` CPUs, fed by
 read+decode tasks of `cpus_per_read` CPUs each. A node holds as many actors as its GPUs allow
 (`--gpus-per-node`; CPU teachers: as many as the template node's CPUs allow), plus one read task's CPUs per
 actor so that decoding keeps each actor busy, plus 2 CPUs for Ray.
@@ -28,13 +29,14 @@ def size_embed_workers(group: dict[str, Any], embed: EmbedConfig, gpus_per_node:
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     template_gpus, template_cpus = int(limits["nvidia.com/gpu"]), int(limits["cpu"])
     cpus_per_slot = embed.cpus_per_actor + embed.cpus_per_read
-    if embed.gpus_per_actor > 0:
-        if embed.gpus_per_actor > gpus_per_node:
+    gpus = embed.gpus(cluster_has_gpus=False)  # no cluster exists yet: unset sizes CPU nodes
+    if gpus > 0:
+        if gpus > gpus_per_node:
             raise ConfigError(
-                f"embed.gpus_per_actor: {embed.gpus_per_actor:g} GPUs per actor cannot be placed on nodes of "
+                f"embed.gpus_per_actor: {gpus:g} GPUs per actor cannot be placed on nodes of "
                 f"{gpus_per_node} GPUs (--gpus-per-node)"
             )
-        per_node = math.floor(gpus_per_node / embed.gpus_per_actor)
+        per_node = math.floor(gpus_per_node / gpus)
     else:
         per_node = math.floor((template_cpus - OVERHEAD_CPUS) / cpus_per_slot)
         if per_node < 1:
@@ -45,8 +47,8 @@ def size_embed_workers(group: dict[str, Any], embed: EmbedConfig, gpus_per_node:
     on_node = min(embed.actors, per_node)
     cpus = math.ceil(on_node * cpus_per_slot + OVERHEAD_CPUS)
     limits["cpu"] = str(cpus)
-    if embed.gpus_per_actor > 0:
-        limits["nvidia.com/gpu"] = str(math.ceil(on_node * embed.gpus_per_actor))
+    if gpus > 0:
+        limits["nvidia.com/gpu"] = str(math.ceil(on_node * gpus))
         share = int(limits["nvidia.com/gpu"]) / template_gpus
     else:
         limits.pop("nvidia.com/gpu", None)

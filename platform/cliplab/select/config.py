@@ -138,32 +138,36 @@ class RecipeConfig(Strict):
     combine: list[CombineConfig] = Field(default_factory=list)
 
 
-class EmbedConfig(Strict):
+class ActorPoolConfig(Strict):
+    """What the embedding and the scoring actor pools share: their GPU rule."""
+
+    gpus_per_actor: float | None = Field(None, ge=0, description="unset: 1 if the Ray cluster has GPUs, else 0")
+
+    def gpus(self, cluster_has_gpus: bool) -> float:
+        """GPUs per actor: `gpus_per_actor`, or when unset 1 on a cluster with GPUs, else 0 (CPU actors)."""
+        if self.gpus_per_actor is not None:
+            return self.gpus_per_actor
+        return 1.0 if cluster_has_gpus else 0.0
+
+
+class EmbedConfig(ActorPoolConfig):
     """The Ray Data embedding pass: read tasks per shard, the teacher in an actor pool."""
 
-    actors: int = Field(1, ge=1, description="teacher actors (one GPU each when gpus_per_actor > 0)")
+    actors: int = Field(1, ge=1, description="teacher actors (one GPU each on a cluster with GPUs, by default)")
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="0: CPU teacher; 1: one GPU per actor")
     batch_size: int = Field(256, gt=0, description="images per teacher forward")
     cpus_per_read: float = Field(1.0, gt=0, description="CPUs per read+decode task (one per shard)")
     memory_per_actor_gb: float | None = Field(None, gt=0, description="heap to reserve per actor (Ray budgets none)")
 
 
-class ScoreConfig(Strict):
+class ScoreConfig(ActorPoolConfig):
     """The Ray Data scoring pass: read tasks per shard output, CLIPScore/NormSim and negCLIPLoss in actor pools."""
 
     actors: int = Field(1, ge=1, description="scoring actors per stage (each loads the target once)")
     cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0, description="unset: 1 if the Ray cluster has GPUs, else 0")
     batch_size: int = Field(8192, gt=0, description="rows per CLIPScore/NormSim actor call")
     cpus_per_read: float = Field(1.0, gt=0, description="CPUs per read task (one per shard output)")
     memory_per_actor_gb: float | None = Field(None, gt=0, description="heap to reserve per actor (Ray budgets none)")
-
-    def gpus(self, cluster_has_gpus: bool) -> float:
-        """GPUs per scoring actor: `gpus_per_actor`, or when unset 1 on a cluster with GPUs, else 0 (CPU actors)."""
-        if self.gpus_per_actor is not None:
-            return self.gpus_per_actor
-        return 1.0 if cluster_has_gpus else 0.0
 
 
 class ReshardConfig(Strict):

@@ -4,8 +4,8 @@ Pipeline: `from_items(urls, override_num_blocks=len(urls))` gives one read task 
 task streams the shard through cliplab's own reader (`data.pipeline.read_shard`: webdataset's tar
 parsing, fsspec/S3 with retries), decodes and resizes each image on CPU (`eval_view`, the teacher's
 eval transform) and yields chunks of rows; the teacher runs in a fixed-size actor pool
-(`ActorPoolStrategy(size=embed.actors)`, one GPU per actor when `embed.gpus_per_actor` > 0, CPU
-otherwise) and embeds images and captions. Ray's own `read_webdataset` is avoided: it decodes
+(`ActorPoolStrategy(size=embed.actors)`, `embed.gpus_per_actor` GPUs per actor; unset, one when the
+Ray cluster has GPUs, CPU otherwise) and embeds images and captions. Ray's own `read_webdataset` is avoided: it decodes
 every image at full size into a pandas frame per sample. With GPU actors the two stages run in
 separate processes; with a CPU teacher whose actors ask for as many CPUs as a read task, Ray Data
 fuses them (each actor then reads and decodes the shards it embeds), which is its own optimisation.
@@ -269,7 +269,7 @@ def _run(
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None,
+        num_gpus=cfg.gpus(ray.cluster_resources().get("GPU", 0) >= 1) or None,
         **memory,
     )
     pending: dict[str, list[dict[str, np.ndarray]]] = {}
