@@ -45,13 +45,18 @@ import torch
 from cliplab.data.augment import eval_view
 from cliplab.data.pipeline import decode, read_shard
 from cliplab.data.shards import filesystem
-from cliplab.select.config import EmbedConfig
+from cliplab.select.config import ActorPoolConfig, EmbedConfig
 from cliplab.select.teacher import TeacherInfo, TeacherSource, load
 from cliplab.select.uids import sample_uid
 
 log = logging.getLogger("cliplab.select")
 READ_CHUNK = 64  # rows per block out of a read task
 META = ("uid", "key", "shard", "caption", "noisy")
+
+
+def actor_gpus(pool: ActorPoolConfig) -> float:
+    """GPUs per actor of `pool` (the teacher's, or a scoring pool's) on the Ray cluster this job runs on."""
+    return pool.gpus(ray.cluster_resources().get("GPU", 0) >= 1)
 
 
 def shard_id(url: str) -> str:
@@ -269,7 +274,7 @@ def _run(
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus(ray.cluster_resources().get("GPU", 0) >= 1) or None,
+        num_gpus=actor_gpus(cfg) or None,
         **memory,
     )
     pending: dict[str, list[dict[str, np.ndarray]]] = {}

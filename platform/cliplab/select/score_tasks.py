@@ -36,6 +36,7 @@ import ray
 import torch
 
 from cliplab.select.config import NegClipConfig, ScoreConfig, ScoresConfig, normsim_name
+from cliplab.select.embed import actor_gpus
 from cliplab.select.pool import PoolIndex, ShardPart, embedding_matrix, read_embeddings, read_part
 from cliplab.select.scores import (
     Batches,
@@ -134,18 +135,13 @@ def _rows_dataset(pool: PoolIndex, res: ScoreConfig) -> ray.data.Dataset:
 
 
 def _actor_args(res: ScoreConfig) -> dict[str, Any]:
-    gpus = gpus_per_actor(res)
+    gpus = actor_gpus(res)
     args: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=res.actors), "num_cpus": res.cpus_per_actor}
     if gpus:
         args["num_gpus"] = gpus
     if res.memory_per_actor_gb:
         args["memory"] = res.memory_per_actor_gb * 2**30
     return args
-
-
-def gpus_per_actor(res: ScoreConfig) -> float:
-    """GPUs per scoring actor on the Ray cluster this job runs on."""
-    return res.gpus(ray.cluster_resources().get("GPU", 0) >= 1)
 
 
 class _Progress:
@@ -172,7 +168,7 @@ def score_pool(
         "select: scoring %d samples in %d actor(s) (%g GPU each); CLIPScore%s",
         n,
         res.actors,
-        gpus_per_actor(res),
+        actor_gpus(res),
         "".join(f", {normsim_name(p)} against {len(target)} target rows" for p in ps) if target else "",
     )
     t0 = time.perf_counter()
