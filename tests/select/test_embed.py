@@ -1,4 +1,4 @@
-"""The Ray Data embedding pass on SynthScenes shards on S3: skips counted, outputs complete, resumable."""
+"""The Ray Data embedding pass on SynthScenes shards and image folders on S3: skips counted, resumable."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from cliplab.data.pipeline import read_shard
 from cliplab.data.shards import expand_urls
 from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.errors import DataError
 from cliplab.select.config import EmbedConfig
 from cliplab.select.embed import embed_shards, output_paths
+from cliplab.select.image_folder import image_chunks
 from cliplab.select.pool import embedding_matrix, index_pool, read_meta, read_part
 from cliplab.select.teacher import TeacherSource, inspect
 
@@ -98,3 +101,41 @@ def test_a_killed_selection_resumes_without_recomputing_a_finished_shard(teacher
     scores = pq.read_table(out / "scores.parquet").to_pandas()
     assert len(scores) == 10 * shards and scores.uid.is_unique
     assert sorted(scores.key) == [f"{i:09d}" for i in range(10 * shards)]  # SynthScenes keys: the sample index
+
+
+@pytest.mark.slow
+def test_a_target_image_folder_embeds_as_its_images_do_in_shards(ray_local, synth_pool, teacher_export) -> None:
+    fs = fsspec.filesystem("s3")
+    shard = synth_pool["target"][0]
+    folder = f"s3://{synth_pool['bucket']}/target-images"
+    keys = []
+    for i, raw in enumerate(read_shard(shard, [])):
+        fs.pipe_file(f"{folder}/part{i % 2}/{raw['__key__']}.JPG".removeprefix("s3://"), raw["jpg"])
+        keys.append(raw["__key__"])
+    fs.pipe_file(f"{folder}/broken.png".removeprefix("s3://"), b"not a png")
+    fs.pipe_file(f"{folder}/notes.txt".removeprefix("s3://"), b"not an image")
+    chunks = image_chunks(folder, 4)
+    assert [len(f) for f in chunks.values()] == [4, 4, 1]  # 9 images in sorted order, the txt left out
+    teacher = inspect(TeacherSource(export=str(teacher_export)))
+    cfg = EmbedConfig(actors=1, cpus_per_actor=0.5, cpus_per_read=0.5, batch_size=8)
+    out = f"s3://{synth_pool['bucket']}/select/embeddings"
+
+    stats = embed_shards(list(chunks), f"{out}/folder", teacher, cfg, "txt", True, "target", chunks)
+    assert (stats.samples, stats.skipped_samples, stats.unreadable) == (len(keys), 1, [])
+    embed_shards([shard], f"{out}/shards", teacher, cfg, "txt", True, "target")
+
+    def by_key(index) -> dict[str, list[float]]:
+        rows = {}
+        for part in index.parts:
+            table = read_part(index.out, part, ["key", "image_emb"])
+            image = embedding_matrix(table.column("image_emb"))
+            names = table.column("key").to_pylist()
+            rows.update({k.rsplit("/", 1)[-1]: v.tolist() for k, v in zip(names, image, strict=True)})
+        return rows
+
+    from_folder = by_key(index_pool(f"{out}/folder", list(chunks), "target"))
+    assert from_folder == by_key(index_pool(f"{out}/shards", [shard], "target")) and sorted(from_folder) == sorted(keys)
+    again = embed_shards(list(chunks), f"{out}/folder", teacher, cfg, "txt", True, "target", chunks)
+    assert sorted(again.resumed) == sorted(chunks) and not again.written
+    with pytest.raises(DataError, match=r"target\.images: .*/nowhere: no such folder"):
+        image_chunks(f"s3://{synth_pool['bucket']}/nowhere", 4)

@@ -70,6 +70,19 @@ def test_actor_pools_take_a_gpu_where_the_cluster_has_one_unless_told(tmp_path) 
         ({"recipe": {"combine": [{"op": "xor", "subset": "a.npy"}]}}, "recipe.combine.0.op"),
         ({"embed": {"actors": 0}}, "embed.actors"),
         ({"target": None}, "recipe.steps[1].score 'normsim_inf' is not computed"),
+        ({"target": {"shards": "t.tar", "images": "/imgs"}}, "target: give exactly one of shards or images"),
+        ({"target": {"files_per_task": 10}}, "target: give exactly one of shards or images"),
+        ({"recipe": {"steps": [{"dedup": {}, "fraction": 0.5}]}}, "recipe.steps.0: a dedup step takes no fraction"),
+        (
+            {"recipe": {"steps": [{"score": "negclip", "fraction": 0.5, "dedup": {}}]}},
+            "recipe.steps.0: give exactly one of score",
+        ),
+        ({"recipe": {"steps": [{"dedup": {"threshold": 1.5}}]}}, "recipe.steps.0.dedup.threshold"),
+        ({"recipe": {"steps": [{"dedup": {"clusters": 0}}]}}, "recipe.steps.0.dedup.clusters"),
+        (
+            {"recipe": {"steps": [{"dedup": {"rank_by": "normsim_2"}}]}},
+            "recipe.steps[0].dedup.rank_by 'normsim_2' is not computed",
+        ),
         ({"output": None}, "output"),
     ],
 )
@@ -78,6 +91,16 @@ def test_bad_configs_name_file_and_field(tmp_path, change: dict, field: str) -> 
     with pytest.raises(ConfigError) as err:
         load_selection(path)
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
+
+
+def test_a_dedup_step_and_an_image_folder_target_parse(tmp_path) -> None:
+    steps = [{"score": "negclip", "fraction": 0.3}, {"dedup": {"threshold": 0.9, "rank_by": "negclip"}}]
+    tree = {**BASE, "target": {"images": "s3://b/downstream/"}, "recipe": {"steps": steps}}
+    cfg = load_selection(write(tmp_path, tree))
+    dedup = cfg.recipe.steps[1]
+    assert (dedup.label, dedup.needs, dedup.dedup.clusters, dedup.dedup.threshold) == ("dedup", "negclip", 100, 0.9)
+    assert dedup.describe() == "dedup cos >= 0.9 in 100 clusters (by negclip)"
+    assert (cfg.target.images, cfg.target.shards, cfg.target.files_per_task) == ("s3://b/downstream/", None, 1000)
 
 
 def test_secrets_and_missing_files_are_refused(tmp_path) -> None:

@@ -28,7 +28,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     ensure_ray()
     outcome = run_selection(cfg)
-    steps = ", ".join(f"{s.score}: {k}" for s, k in zip(cfg.recipe.steps, outcome.kept, strict=True))
+    steps = ", ".join(f"{s.label}: {k}" for s, k in zip(cfg.recipe.steps, outcome.kept, strict=True))
     print(f"pool {outcome.pool_size} samples; kept after each step: {steps}; selected {outcome.selected}")
     for key in sorted(k for k in outcome.metrics if k.startswith("noisy/")):
         print(f"{key}  {outcome.metrics[key]:.4f}")

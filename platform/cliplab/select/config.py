@@ -15,7 +15,6 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from cliplab.config import Strict, _describe, apply_overrides, check_tree, read_yaml
 from cliplab.data.shards import expand_urls
 from cliplab.errors import ConfigError, DataError
-from cliplab.select.recipes import Step
 
 WINDOW_BATCHES = 8  # negCLIPLoss draws batches inside windows of at least this many |B| rows
 
@@ -60,9 +59,17 @@ class TeacherConfig(Strict):
 
 
 class TargetConfig(Strict):
-    """Downstream images for NormSim (spec eq. 4-5): shards embedded by the same teacher (captions optional)."""
+    """Downstream images for NormSim (spec eq. 4-5), embedded by the same teacher: shards or an image folder."""
 
-    shards: str
+    shards: str | None = Field(None, description="WebDataset shards (captions optional)")
+    images: str | None = Field(None, description="a folder of .jpg/.jpeg/.png/.webp files, local or s3://, recursive")
+    files_per_task: int = Field(1000, gt=0, description="with images: files per read task (one embedding output)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TargetConfig:
+        if (self.shards is None) == (self.images is None):
+            raise ValueError("give exactly one of shards or images")
+        return self
 
 
 class NegClipConfig(Strict):
@@ -101,21 +108,51 @@ def normsim_name(p: float | str) -> str:
     return "normsim_inf" if p == "inf" or p == math.inf else f"normsim_{float(p):g}"
 
 
-class StepConfig(Strict):
-    """One recipe step: top `fraction` of the whole pool (spec ambiguity 3) or `threshold` on a score."""
+class DedupConfig(Strict):
+    """Near-duplicate removal (SemDeDup style, select/dedup.py) on the teacher's image embeddings of the survivors."""
 
-    score: str
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine from which a sample duplicates an earlier one")
+    clusters: int = Field(100, ge=1, description="k-means clusters; duplicates are looked for within a cluster")
+    rank_by: str = Field("clipscore", description="score ranking a cluster: the best-scored copy is kept")
+    sample: int = Field(100_000, ge=2, description="survivors sampled to fit the centroids")
+    iterations: int = Field(20, ge=1, description="k-means (Lloyd) iterations")
+    seed: int = 0
+
+
+class StepConfig(Strict):
+    """One recipe step: top `fraction` of the whole pool (spec ambiguity 3) or `threshold` on a `score`; or `dedup`."""
+
+    score: str | None = None
     fraction: float | None = Field(None, gt=0, le=1)
     threshold: float | None = None
+    dedup: DedupConfig | None = None
 
     @model_validator(mode="after")
     def _one(self) -> StepConfig:
-        if (self.fraction is None) == (self.threshold is None):
+        if (self.score is None) == (self.dedup is None):
+            raise ValueError("give exactly one of score (with fraction or threshold) or dedup")
+        if self.dedup is not None and (self.fraction, self.threshold) != (None, None):
+            raise ValueError("a dedup step takes no fraction or threshold (its own is dedup.threshold)")
+        if self.score is not None and (self.fraction is None) == (self.threshold is None):
             raise ValueError("give exactly one of fraction or threshold")
         return self
 
-    def step(self) -> Step:
-        return Step(self.score, self.fraction, self.threshold)
+    @property
+    def label(self) -> str:
+        """The step's name in metrics and logs: its score, or `dedup`."""
+        return self.score or "dedup"
+
+    @property
+    def needs(self) -> str:
+        """The score the step reads: its own, or the one ranking a dedup cluster."""
+        return self.score or self.dedup.rank_by
+
+    def describe(self) -> str:
+        """One readable phrase, e.g. `negclip top 0.3` or `dedup cos >= 0.95 in 100 clusters`."""
+        if self.dedup is not None:
+            d = self.dedup
+            return f"dedup cos >= {d.threshold} in {d.clusters} clusters (by {d.rank_by})"
+        return f"{self.score} {'top ' + str(self.fraction) if self.fraction else '>= ' + str(self.threshold)}"
 
 
 class CombineConfig(Strict):
@@ -205,9 +242,10 @@ class SelectConfig(Strict):
     def _recipe_scores(self) -> SelectConfig:
         have = self.scores.names(self.target is not None)
         for i, step in enumerate(self.recipe.steps):
-            if step.score not in have:
-                hint = " (NormSim needs target.shards)" if step.score.startswith("normsim") else ""
-                raise ValueError(f"recipe.steps[{i}].score {step.score!r} is not computed; computed: {have}{hint}")
+            if step.needs not in have:
+                field = "score" if step.score else "dedup.rank_by"
+                hint = " (NormSim needs a target)" if step.needs.startswith("normsim") else ""
+                raise ValueError(f"recipe.steps[{i}].{field} {step.needs!r} is not computed; computed: {have}{hint}")
         return self
 
 

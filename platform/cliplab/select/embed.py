@@ -46,6 +46,7 @@ from cliplab.data.augment import eval_view
 from cliplab.data.pipeline import decode, read_shard
 from cliplab.data.shards import filesystem
 from cliplab.select.config import ActorPoolConfig, EmbedConfig
+from cliplab.select.image_folder import read_files
 from cliplab.select.teacher import TeacherInfo, TeacherSource, load
 from cliplab.select.uids import sample_uid
 
@@ -90,13 +91,16 @@ class EmbedStats:
 def read_and_decode(
     batch: dict[str, np.ndarray], caption_key: str, image_size: int, mean: tuple, std: tuple, captions_optional: bool
 ) -> Iterator[dict[str, Any]]:
-    """Ray Data read UDF: rows of each shard in `batch["url"]`; the last chunk carries the shard's totals."""
+    """Ray Data read UDF: rows of each shard in `batch["url"]`; the last chunk carries the shard's totals.
+
+    An item with `files` is a chunk of an image folder (image_folder.py), read file by file.
+    """
     torch.set_num_threads(1)
-    for url in batch["url"].tolist():
+    for url, files in zip(batch["url"].tolist(), batch["files"], strict=True):
         errors: list[str] = []
         rows: list[dict[str, Any]] = []
         good = skipped = 0
-        for raw in read_shard(url, errors):
+        for raw in read_files(url, list(files)) if len(files) else read_shard(url, errors):
             if captions_optional:
                 raw.setdefault(caption_key, b"")
             decoded = decode(raw, caption_key)
@@ -206,8 +210,12 @@ def embed_shards(
     caption_key: str = "txt",
     captions_optional: bool = False,
     label: str = "pool",
+    files: dict[str, list[str]] | None = None,
 ) -> EmbedStats:
-    """Embed every shard of `urls` not already complete under `out`; returns what the pass did."""
+    """Embed every shard of `urls` not already complete under `out`; returns what the pass did.
+
+    `files` maps the names of image-folder chunks among `urls` to their files (image_folder.py).
+    """
     fs, root = filesystem(out)
     if not out.startswith("s3://"):
         fs.makedirs(root, exist_ok=True)
@@ -229,7 +237,8 @@ def embed_shards(
         len(todo),
     )
     if todo:
-        _run(todo, out, teacher, cfg, caption_key, captions_optional, stats, label)
+        items = [{"url": u, "files": (files or {}).get(u, [])} for u in todo]
+        _run(items, out, teacher, cfg, caption_key, captions_optional, stats, label)
     written = set(stats.written)
     stats.unreadable = [u for u in todo if u not in written]
     log.info(
@@ -244,7 +253,7 @@ def embed_shards(
 
 
 def _run(
-    todo: list[str],
+    items: list[dict[str, Any]],
     out: str,
     teacher: TeacherInfo,
     cfg: EmbedConfig,
@@ -254,7 +263,7 @@ def _run(
     label: str,
 ) -> None:
     pre = teacher.preprocess
-    ds = ray.data.from_items([{"url": u} for u in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         read_and_decode,
         batch_size=1,
@@ -297,5 +306,5 @@ def _run(
                 stats.embedded += rows
                 stats.skipped_samples += expected[url][1]
                 log.info(
-                    "embed %s: %s complete (%d samples), %d/%d shards", label, url, rows, len(stats.written), len(todo)
+                    "embed %s: %s complete (%d samples), %d/%d shards", label, url, rows, len(stats.written), len(items)
                 )

@@ -5,13 +5,15 @@ always counted against the *whole pool* N (spec ambiguity 3, the reference code'
 paper's recipe is [negCLIPLoss top 0.30, NormSim_inf top 0.20], i.e. keep floor(0.3 N) by negCLIPLoss,
 then of those the floor(0.2 N) with the highest NormSim_inf: 20% of the pool. Ranking is by score,
 ties broken by pool position (earlier first), so a selection is a pure function of scores and order.
-A threshold step keeps survivors with score >= threshold (DataComp's `>=`).
+A threshold step keeps survivors with score >= threshold (DataComp's `>=`). Any other step is a
+function from the survivors to the survivors it keeps (near-duplicate removal, select/dedup.py,
+which needs the pool's embeddings and Ray; this module stays pure).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,7 @@ class Step:
 
 
 PAPER_RECIPE = (Step("negclip", fraction=0.3), Step("normsim_inf", fraction=0.2))
+Filter = Callable[[np.ndarray], np.ndarray]  # survivors (sorted pool indices) -> the sorted survivors it keeps
 
 
 def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -45,12 +48,16 @@ def top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     return np.sort(candidates[order[:k]])
 
 
-def apply_chain(scores: Mapping[str, np.ndarray], steps: Sequence[Step]) -> list[np.ndarray]:
+def apply_chain(scores: Mapping[str, np.ndarray], steps: Sequence[Step | Filter]) -> list[np.ndarray]:
     """Pool indices kept after each step (one array per step, sorted); fractions of the whole pool."""
     n = len(next(iter(scores.values())))
     kept = np.arange(n)
     out = []
     for step in steps:
+        if not isinstance(step, Step):
+            kept = step(kept)
+            out.append(kept)
+            continue
         if step.score not in scores:
             raise KeyError(f"recipe step needs score {step.score!r}; computed: {sorted(scores)}")
         s = scores[step.score]
