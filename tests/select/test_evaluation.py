@@ -99,7 +99,9 @@ def test_demo_select_smoke(tmp_path: Path) -> None:
         ("negclip", "0.500"),
         ("negclip+normsim_inf", "0.500"),
     ]
-    assert [r[1] for r in rows[4:]] == ["0.700"] * 4 and lines[9].startswith("pool: ")
+    assert [r[1] for r in rows[4:]] == ["0.700"] * 4 and lines[10].startswith("pool: ")
+    job = lines[9].split()  # the job's own recipe: negclip top 0.5, then dedup
+    assert job[0] == "negclip+dedup" and 0 < float(job[1]) <= 0.5
     assert "closed loop" not in proc.stdout
 
     from mlflow.tracking import MlflowClient

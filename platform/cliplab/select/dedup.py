@@ -97,7 +97,7 @@ def _read_rows(batch: dict[str, np.ndarray], out: str, rank_ref: list) -> dict[s
 
 
 def _assign(batch: dict[str, np.ndarray], centroids: np.ndarray) -> dict[str, np.ndarray]:
-    image = torch.from_numpy(np.ascontiguousarray(batch["image"])).float()
+    image = torch.from_numpy(np.array(batch["image"], dtype=np.float32))  # a copy: Ray's blocks are read-only
     return {**batch, "cluster": (image @ torch.from_numpy(centroids).T).argmax(dim=1).numpy()}
 
 

@@ -6,9 +6,11 @@
    target set (seed 2) whose distribution differs from the pool's: only images whose main shape is one of
    `target_shapes` (2 of SynthScenes' 6), for NormSim.
 3. The selection job (`cliplab select`'s run: embedding pass on Ray Data, CLIPScore, negCLIPLoss, NormSim_inf,
-   an MLflow run) with negCLIPLoss top `fractions[0]` as its own recipe; every score lands in scores.parquet.
+   an MLflow run) with negCLIPLoss top `fractions[0]` then near-duplicate removal (DEDUP) as its own recipe;
+   every score and each step's kept flags land in scores.parquet.
 4. From those scores, CLIPScore, negCLIPLoss and negCLIPLoss + NormSim_inf (and a random subset) at each kept
-   fraction, graded by `cliplab.select.evaluation`; the table is printed and logged to the selection run.
+   fraction, graded by `cliplab.select.evaluation`, plus the job's own negCLIPLoss + dedup selection at the
+   fraction it kept; the table is printed and logged to the selection run.
 5. With `train_steps` > 0, the closed loop (`cliplab.select.closeloop`): the demo recipe trained for `train_steps`
    on each of the negCLIPLoss, CLIPScore and random subsets of `fractions[0]` of the pool, evaluated on the demo's
    clean held-out set; that table is printed and logged to the selection run too.
@@ -30,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from cliplab.config import Experiment
 from cliplab.data.shards import filesystem, write_shards
 from cliplab.data.synth import SynthSpec, render_sample, scene, write_synthscenes
-from cliplab.select.evaluation import evaluate, format_table, kept_mask, standard_methods
+from cliplab.select.evaluation import Method, evaluate, format_table, kept_mask, standard_methods
 from cliplab.tracking.mlflow import ui_hint
 
 log = logging.getLogger("cliplab.demo")
@@ -39,6 +41,7 @@ POOL_SEED, TARGET_SEED = 1, 2
 SAMPLES_PER_SHARD = 1000
 LOOP_STEPS = 120  # per closed-loop run: half the teacher's 240; about 4 minutes a run on 2 CPU cores
 LOOP_EXPERIMENT = "cliplab-demo-closed-loop"
+DEDUP = {"threshold": 0.95, "clusters": 10, "rank_by": "negclip"}  # the job's second recipe step
 
 
 def target_samples(spec: SynthSpec, shapes: Sequence[str], count: int) -> Iterator[dict[str, Any]]:
@@ -68,7 +71,7 @@ def selection_tree(
         "teacher": {"run_id": teacher_run},
         "target": {"shards": target},
         "scores": {"negclip": {"batch_size": batch_size, "repeats": repeats, "seed": 0}, "normsim_p": ["inf"]},
-        "recipe": {"steps": [{"score": "negclip", "fraction": fraction}]},
+        "recipe": {"steps": [{"score": "negclip", "fraction": fraction}, {"dedup": DEDUP}]},
         "output": f"s3://{BUCKET}/select/demo-select",
         "embed": {"actors": 1, "cpus_per_actor": 1, "cpus_per_read": 1, "batch_size": 256},
         "tracking": {"tracking_uri": tracking_uri, "experiment": "cliplab-demo-select"},
@@ -175,7 +178,8 @@ def loop_base(exp: Experiment, steps: int) -> dict[str, Any]:
 
 
 def grade(scores: Any, pool_spec: SynthSpec, fractions: Sequence[float], target_shapes: Sequence[str]) -> str:
-    """The table of every standard method at every fraction over the selection job's scores.parquet frame."""
+    """The table of every standard method at every fraction over the selection job's scores.parquet frame,
+    and a last row for the job's own selection (negCLIPLoss then dedup) at the share of the pool it kept."""
     columns = {k: scores[k].to_numpy() for k in ("clipscore", "negclip", "normsim_inf") if k in scores}
     noisy = scores["noisy"].to_numpy() == 1
     in_target = np.isin(main_shapes(pool_spec, scores["key"].tolist()), list(target_shapes))
@@ -184,4 +188,6 @@ def grade(scores: Any, pool_spec: SynthSpec, fractions: Sequence[float], target_
         evaluate(m, kept_mask(m, columns, len(scores)), noisy, in_target, normsim)
         for m in standard_methods(fractions, normsim is not None)
     ]
+    job = scores["kept_2"].to_numpy()
+    rows.append(evaluate(Method("negclip+dedup", round(float(job.mean()), 3)), job, noisy, in_target, normsim))
     return format_table(rows, float(noisy.mean()), float(in_target.mean()))

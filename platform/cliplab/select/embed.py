@@ -5,8 +5,10 @@ task streams the shard through cliplab's own reader (`data.pipeline.read_shard`:
 parsing, fsspec/S3 with retries), decodes and resizes each image on CPU (`eval_view`, the teacher's
 eval transform) and yields chunks of rows; the teacher runs in a fixed-size actor pool
 (`ActorPoolStrategy(size=embed.actors)`, `embed.gpus_per_actor` GPUs per actor; unset, one when the
-Ray cluster has GPUs, CPU otherwise) and embeds images and captions. Ray's own `read_webdataset` is avoided: it decodes
-every image at full size into a pandas frame per sample. With GPU actors the two stages run in
+Ray cluster has GPUs, CPU otherwise) and embeds images and captions. Ray's own `read_webdataset`
+is avoided: it decodes every image at full size into a pandas frame per sample. A target given as
+an image folder comes as chunks of files (image_folder.py), each read like a shard and written as
+one output keyed by the chunk's name. With GPU actors the two stages run in
 separate processes; with a CPU teacher whose actors ask for as many CPUs as a read task, Ray Data
 fuses them (each actor then reads and decodes the shards it embeds), which is its own optimisation.
 
