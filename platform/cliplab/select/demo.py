@@ -188,6 +188,6 @@ def grade(scores: Any, pool_spec: SynthSpec, fractions: Sequence[float], target_
         evaluate(m, kept_mask(m, columns, len(scores)), noisy, in_target, normsim)
         for m in standard_methods(fractions, normsim is not None)
     ]
-    job = scores["kept_2"].to_numpy()
+    job = scores["selected"].to_numpy()
     rows.append(evaluate(Method("negclip+dedup", round(float(job.mean()), 3)), job, noisy, in_target, normsim))
     return format_table(rows, float(noisy.mean()), float(in_target.mean()))

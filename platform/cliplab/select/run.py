@@ -254,7 +254,6 @@ def _stages(
     _log_params(run_logger, {"pool_size": n, **used})
     kept, chosen, selected = _recipe(cfg, pool, scores, meta, metrics)
     log.info("select: stage 5/5 writing %s/subset.npy, scores.parquet and manifest.json", out)
-    U.save_subset(f"{out}/subset.npy", U.to_hex(chosen))
     _write_scores(f"{out}/scores.parquet", meta, scores, kept, selected)
     reshard_spec = _reshard(cfg, meta, chosen, metrics, run_logger) if cfg.reshard.enabled else None
     outputs = {
@@ -278,14 +277,7 @@ def _stages(
     manifest = build_manifest(
         cfg, run_logger.run_id, teacher, tau, tau_from, pool_counts, used, steps, len(chosen), outputs
     )
-    with tempfile.TemporaryDirectory(prefix="cliplab-select-") as work:
-        manifest_file = Path(work) / "manifest.json"
-        manifest_file.write_bytes(write_manifest(outputs["manifest"], manifest))
-        U.save_subset(str(Path(work) / "subset.npy"), U.to_hex(chosen))
-        config = Path(work) / "selection.yaml"
-        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        for path in (manifest_file, Path(work) / "subset.npy", config):
-            run_logger.artifact(path)
+    _write_outputs(cfg, run_logger, outputs, U.to_hex(chosen), manifest)
     fig = score_histograms(scores, selected, cfg.name)
     log_figure(run_logger.client, run_logger.run_id, fig, "score_histograms.png", dpi=100)
     fig = score_scatter(scores, selected, meta.column("noisy").to_numpy(), cfg.name)
@@ -301,6 +293,21 @@ def _stages(
     return SelectOutcome(
         run_logger.run_id, outputs["subset"], outputs["scores"], n, [len(k) for k in kept], len(chosen), metrics
     )
+
+
+def _write_outputs(
+    cfg: SelectConfig, run_logger: RunLogger, outputs: dict[str, Any], uids: list[str], manifest: dict[str, Any]
+) -> None:
+    """subset.npy and manifest.json, written once each to the output location and logged to the run beside
+    the selection config."""
+    with tempfile.TemporaryDirectory(prefix="cliplab-select-") as work:
+        files = {"subset": Path(work) / "subset.npy", "manifest": Path(work) / "manifest.json"}
+        files["subset"].write_bytes(U.save_subset(outputs["subset"], uids))
+        files["manifest"].write_bytes(write_manifest(outputs["manifest"], manifest))
+        config = Path(work) / "selection.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        for path in (files["manifest"], files["subset"], config):
+            run_logger.artifact(path)
 
 
 def recipe_chain(cfg: SelectConfig, pool: PoolIndex, scores: dict[str, np.ndarray]) -> list[Step | Filter]:

@@ -48,8 +48,8 @@ def to_hex(pairs: np.ndarray) -> list[str]:
     return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in zip(pairs["f0"], pairs["f1"], strict=True)]
 
 
-def save_subset(url: str, uids: Iterable[str]) -> int:
-    """Write a DataComp subset file (local or s3://); returns the number of entries."""
+def save_subset(url: str, uids: Iterable[str]) -> bytes:
+    """Write a DataComp subset file (local or s3://); returns the bytes written."""
     arr = to_pairs(uids)
     buf = io.BytesIO()
     np.save(buf, arr)
@@ -58,7 +58,7 @@ def save_subset(url: str, uids: Iterable[str]) -> int:
     if not url.startswith("s3://"):
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(path, buf.getvalue())
-    return len(arr)
+    return buf.getvalue()
 
 
 def load_subset(url: str) -> np.ndarray:
