@@ -8,7 +8,13 @@ import uuid
 import pytest
 
 from cliplab.embedded import create_bucket, s3_env, start_s3_server
-from fixtures_services import TEST_SECRETS, mlflow_uri, process_group, ray_local  # noqa: F401  (fixtures)
+from fixtures_services import (  # noqa: F401  (fixtures)
+    TEST_SECRETS,
+    mlflow_template,
+    mlflow_uri,
+    process_group,
+    ray_local,
+)
 
 # Ray Train's controller polls its workers every 2 s; a worker's report, and a run's end, wait for the next poll.
 # The suite's runs last seconds, so here it polls every 0.5 s (before any Ray starts; subprocesses inherit it).

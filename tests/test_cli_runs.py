@@ -74,6 +74,7 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
 def test_compare_trains_sibling_runs_under_one_parent(tmp_path: Path, shards: Path) -> None:
     a = experiment(tmp_path / "a.yaml", shards, "cmp-clip", train={"steps": 2})
     b = experiment(tmp_path / "b.yaml", shards, "cmp-mcd", train={"steps": 2}, objective={"name": "mcd"},
@@ -91,6 +92,7 @@ def test_compare_trains_sibling_runs_under_one_parent(tmp_path: Path, shards: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
 def test_train_resume_continues_the_crashed_run_from_its_checkpoint(tmp_path: Path, shards: Path) -> None:
     path = experiment(tmp_path / "exp.yaml", shards, "resume", train={"crash_at_step": 3})
     crashed = cliplab("train", str(path), cwd=tmp_path)

@@ -125,6 +125,7 @@ def _runs(tmp_path: Path) -> list:
     return client.search_runs([found.experiment_id]) if found else []
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
 def test_ray_job_submit_cli_trains_and_tracks(ray_head, tmp_path):
     address, env = ray_head
     env = _job_env(env, tmp_path)
@@ -161,6 +162,7 @@ def test_ray_job_submit_cli_trains_and_tracks(ray_head, tmp_path):
     assert run.info.status == "FINISHED" and "retrieval/i2t_R1" in run.data.metrics and "loss" in run.data.metrics
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
 def test_cliplab_submit_follows_the_job_and_reports_failure(ray_head, tmp_path):
     address, env = ray_head
     env = _job_env(env, tmp_path)
@@ -221,6 +223,7 @@ def test_workers_import_the_submitted_cliplab(ray_head):
     assert "/py_modules_files/" in imported and not imported.startswith(str(ROOT)), imported
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
 def test_cliplab_submit_without_the_cluster_token_is_refused_clearly(ray_head, tmp_path):
     address, env = ray_head
     env = {**_job_env(env, tmp_path), "RAY_AUTH_TOKEN": "not-the-token"}

@@ -61,6 +61,7 @@ def test_embed_pass_counts_skips_and_resumes_without_recompute(ray_local, synth_
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
 def test_a_killed_selection_resumes_without_recomputing_a_finished_shard(teacher_export, tmp_path):
     """`cliplab select` SIGKILLed mid-embedding, run again: finished shards stay as written, every uid once."""
     shards = 24
