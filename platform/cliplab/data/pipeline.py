@@ -159,23 +159,33 @@ class Reader:
                     in_epoch += 1
                     yield (epoch, shard, j, in_epoch - 1), raw
                 if errors or j < 0:
-                    if (epoch, shard) >= tuple(self.read[:2]):  # not already counted before a resume
-                        self.skipped["shards"] += 1
-                    reason = "; ".join(errors) or "no samples (an empty tar)"
-                    log.warning("skipped the rest of shard %s after %d samples: %s", url, j + 1, reason)
-                if j >= 0:  # the shard gave samples (a cut shard's first part counts)
-                    dead.clear()
-                else:
-                    dead.add(url)
-                    if dead >= distinct:
-                        raise DataError(
-                            f"reader {self.g}: none of the {len(distinct)} shards is readable "
-                            f"(first: {self.urls[0]}); check the URLs and credentials"
-                        )
+                    self._count_skipped(url, (epoch, shard), j + 1, errors)
+                self._check_alive(url, j >= 0, dead, distinct)
                 if self.quota is not None and in_epoch >= self.quota:
                     break
                 shard, sample = shard + 1, 0
             epoch, shard, sample, in_epoch = epoch + 1, 0, 0, 0
+
+    def _count_skipped(self, url: str, where: tuple[int, int], read: int, errors: list[str]) -> None:
+        """Count and name a shard that failed part-way or gave nothing; a shard read before a resume is not
+        counted again."""
+        if where >= tuple(self.read[:2]):
+            self.skipped["shards"] += 1
+        reason = "; ".join(errors) or "no samples (an empty tar)"
+        log.warning("skipped the rest of shard %s after %d samples: %s", url, read, reason)
+
+    def _check_alive(self, url: str, gave_samples: bool, dead: set[str], distinct: set[str]) -> None:
+        """Track the shards that failed or were empty in a row (a cut shard's first part counts as read) and
+        raise DataError once that run covers every distinct shard."""
+        if gave_samples:
+            dead.clear()
+            return
+        dead.add(url)
+        if dead >= distinct:
+            raise DataError(
+                f"reader {self.g}: none of the {len(distinct)} shards is readable "
+                f"(first: {self.urls[0]}); check the URLs and credentials"
+            )
 
     def samples(self) -> Iterator[tuple[int, dict]]:
         """(epoch, raw sample) after the shuffle buffer; updates the read position as it goes."""
