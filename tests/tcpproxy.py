@@ -118,7 +118,9 @@ class TcpProxy:
 
 
 def _bound_socket() -> socket.socket:
-    """A socket bound to a free loopback port named explicitly, so that the binding outlives a shutdown."""
+    """A socket bound to a free loopback port named explicitly, so that the binding outlives a shutdown.
+    SO_REUSEADDR lets it listen again while its earlier connections sit in TIME_WAIT; the kernel hands a
+    bound port to no bind(0) or outgoing connection, which is what took the port before."""
     for _ in range(20):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

@@ -85,8 +85,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 def checkpoints(storage: str) -> list[str]:
-    fs = fsspec.filesystem("s3")
-    fs.invalidate_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)  # a cached one keeps an earlier test's endpoint
     found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_step*") if fs.exists(storage) else []
     return sorted(p.rsplit("/", 1)[-1] for p in found)
 
@@ -98,8 +97,7 @@ def registered_step(storage: str) -> int:
     workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 0.5 s in the suite). A run that fails in between resumes from the
     checkpoint registered before.
     """
-    fs = fsspec.filesystem("s3")
-    fs.invalidate_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)  # a cached one keeps an earlier test's endpoint
     found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_manager_snapshot.json")
     latest = json.loads(fs.cat_file(found[0])).get("latest_checkpoint_result") if found else None
     return int(latest["checkpoint_dir_name"].removeprefix("checkpoint_step")) if latest else 0
