@@ -52,16 +52,17 @@ def ray_local(s3_server):
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty sqlite MLflow store with its schema, made once: creating the tables (MLflow's migrations) costs
     ~2 s, copying the file nothing."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    SqlAlchemyStore(f"sqlite:///{path}", (path.parent / "mlartifacts").as_uri())  # not ./mlruns in the checkout
     return path
 
 
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, mlflow_template: Path) -> str:
-    """A fresh sqlite MLflow store (artifacts beside it) for one test: a copy of the session's empty store."""
+    """A fresh sqlite MLflow store for one test: a copy of the session's empty store. A test that logs artifacts
+    gives its experiment an artifact_location (MLflow's default is ./mlruns in the working directory)."""
     shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 

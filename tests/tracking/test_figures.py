@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -11,9 +13,9 @@ from cliplab.sweep.report import TrialRow, metric_vs_fields
 from cliplab.tracking.figures import log_figure
 
 
-def test_figures_land_on_the_run_as_pngs(mlflow_uri: str) -> None:
+def test_figures_land_on_the_run_as_pngs(mlflow_uri: str, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_uri)
-    run = client.create_run(client.create_experiment("figures"))
+    run = client.create_run(client.create_experiment("figures", (tmp_path / "artifacts").as_uri()))  # not ./mlruns
     rng = np.random.default_rng(0)
     hist = score_histograms({"clip_score": rng.normal(size=50)}, rng.random(50) > 0.5, "t")
     log_figure(client, run.info.run_id, hist, "score_histograms.png")

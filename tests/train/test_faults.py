@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cliplab.config import dump_yaml, validate_tree
 from cliplab.data.synth import SynthSpec, write_synthscenes
+from cliplab.storage import s3
 from cliplab.train import checkpoint
 from cliplab.train.trainer import TrainingFailed, run_training
 from processes import train_workers
@@ -84,8 +85,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def s3_now() -> fsspec.AbstractFileSystem:
+    """cliplab's S3 filesystem at the endpoint set now (a test's proxy or moto itself), listings re-read:
+    fsspec's own `filesystem("s3")` is cached without the endpoint and kept an earlier test's proxy."""
+    fs = s3()
+    fs.invalidate_cache()
+    return fs
+
+
 def checkpoints(storage: str) -> list[str]:
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)  # a cached one keeps an earlier test's endpoint
+    fs = s3_now()
     found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_step*") if fs.exists(storage) else []
     return sorted(p.rsplit("/", 1)[-1] for p in found)
 
@@ -97,7 +106,7 @@ def registered_step(storage: str) -> int:
     workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 0.5 s in the suite). A run that fails in between resumes from the
     checkpoint registered before.
     """
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)  # a cached one keeps an earlier test's endpoint
+    fs = s3_now()
     found = fs.glob(f"{storage.removeprefix('s3://')}/*/checkpoint_manager_snapshot.json")
     latest = json.loads(fs.cat_file(found[0])).get("latest_checkpoint_result") if found else None
     return int(latest["checkpoint_dir_name"].removeprefix("checkpoint_step")) if latest else 0
