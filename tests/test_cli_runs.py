@@ -1,12 +1,13 @@
 """Smoke tests of the commands that train: `cliplab demo`, `cliplab compare`, `cliplab train --resume RUN`.
 
-Each runs the real command in a subprocess (its own local Ray, DeepSpeed, a sqlite MLflow store) at the
-smallest size that still goes through every stage; the numbers are not the point, the exit code, the
-printed summary and what lands in MLflow are.
+Each runs the real command in a subprocess (DeepSpeed, a sqlite MLflow store; the demo starts its own local Ray,
+the others join the suite's through RAY_ADDRESS, as under `ray job submit`) at the smallest size that still goes
+through every stage; the numbers are not the point, the exit code, the printed summary and what lands in MLflow are.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ from tiny_models import tiny_model
 TINY = tiny_model()
 
 
-def cliplab(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def cliplab(*args: str, cwd: Path, ray=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The command in a subprocess: on the suite's Ray when given one (RAY_ADDRESS, as on a cluster), else its own."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address} if ray else None
     return subprocess.run(
-        [sys.executable, "-m", "cliplab.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+        [sys.executable, "-m", "cliplab.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )
 
 
@@ -75,11 +78,11 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
-def test_compare_trains_sibling_runs_under_one_parent(tmp_path: Path, shards: Path) -> None:
+def test_compare_trains_sibling_runs_under_one_parent(ray_local, tmp_path: Path, shards: Path) -> None:
     a = experiment(tmp_path / "a.yaml", shards, "cmp-clip", train={"steps": 2})
     b = experiment(tmp_path / "b.yaml", shards, "cmp-mcd", train={"steps": 2}, objective={"name": "mcd"},
                    data={"views": {"count": 1}})  # fmt: skip
-    done = cliplab("compare", str(a), str(b), cwd=tmp_path)
+    done = cliplab("compare", str(a), str(b), cwd=tmp_path, ray=ray_local)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "cmp-clip" in done.stdout and "cmp-mcd" in done.stdout and "each run is a child of it" in done.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -93,12 +96,12 @@ def test_compare_trains_sibling_runs_under_one_parent(tmp_path: Path, shards: Pa
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("mlflow_uri")  # the store at tmp_path/mlflow.db, schema made once
-def test_train_resume_continues_the_crashed_run_from_its_checkpoint(tmp_path: Path, shards: Path) -> None:
+def test_train_resume_continues_the_crashed_run_from_its_checkpoint(ray_local, tmp_path: Path, shards: Path) -> None:
     path = experiment(tmp_path / "exp.yaml", shards, "resume", train={"crash_at_step": 3})
-    crashed = cliplab("train", str(path), cwd=tmp_path)
+    crashed = cliplab("train", str(path), cwd=tmp_path, ray=ray_local)
     assert crashed.returncode != 0 and "crash_at_step" in crashed.stdout + crashed.stderr
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    resumed = cliplab("train", str(path), "--resume", run_dir.name, cwd=tmp_path)
+    resumed = cliplab("train", str(path), "--resume", run_dir.name, cwd=tmp_path, ray=ray_local)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"run {run_dir.name}" in resumed.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

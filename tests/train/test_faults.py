@@ -123,37 +123,6 @@ def loss_steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_sigkilled_worker_is_detected_and_run_resumes_from_checkpoint(ray_local, fault_shards, tmp_path, mlflow_uri):
-    exp = experiment(tmp_path, mlflow_uri, fault_shards)
-    thread, out = in_thread(run_training, exp)
-    client = MlflowClient(mlflow_uri)
-    wait_for(lambda: registered_step(exp.storage.path) >= exp.train.checkpoint_every, 300, "a registered checkpoint")
-    workers = wait_for(lambda: len(w := train_workers()) == 2 and w, 30, "two train workers")
-    victim = workers[-1]
-    loader_children = victim.children(recursive=True)
-    assert loader_children, "the DataLoader worker is a child of the Ray worker"
-    latest = registered_step(exp.storage.path)
-    killed_at = time.monotonic()
-    os.kill(victim.pid, signal.SIGKILL)
-
-    _, alive = psutil.wait_procs(loader_children, timeout=10)
-    try:
-        assert not alive, f"DataLoader workers outlived their SIGKILLed parent: {alive}"
-        thread.join(RECOVERY_BOUND_S)
-        assert not thread.is_alive(), f"the run did not recover within {RECOVERY_BOUND_S} s of the kill"
-    finally:
-        for proc in alive:
-            proc.kill()
-    recovery = time.monotonic() - killed_at
-    assert "error" not in out, out.get("error")
-    outcome = out["result"]
-    assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
-    resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
-    assert len(resumed) == 1 and resumed[0] >= latest > 0, (resumed, latest)
-    assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, exp.train.steps + 1)), "each step logged once"
-    print(f"recovered from the SIGKILL in {recovery:.0f} s, resumed at step {resumed[0]:.0f}")
-
-
 def only_run(client: MlflowClient):
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]
@@ -277,9 +246,12 @@ def test_permanent_outage_fails_within_its_budget_naming_the_endpoint(
     print(f"permanent outage: failed {took:.0f} s after the endpoint went down (budget {budget} s)")
 
 
-def test_kill_during_checkpoint_upload_resumes_from_the_previous_complete_one(
+def test_a_worker_sigkilled_during_a_checkpoint_upload_resumes_from_the_previous_complete_one(
     ray_local, fault_shards, tmp_path, mlflow_uri, proxy, capfd
 ):
+    """A training worker killed by PID while its step-12 upload waits for the endpoint: its DataLoader worker dies
+    with it, Ray Train detects the loss, and the run resumes from step 6 (the half-written checkpoint is never
+    registered) and logs every step once."""
     exp = experiment(tmp_path, mlflow_uri, fault_shards, train={"steps": 18}, storage={"outage_budget_s": 120})
     thread, out = in_thread(run_training, exp)
     client = MlflowClient(mlflow_uri)
@@ -293,11 +265,21 @@ def test_kill_during_checkpoint_upload_resumes_from_the_previous_complete_one(
         return any(k in "".join(seen) for k in (".validate_storage_marker: ", "checkpoint_step00000012"))
 
     wait_for(upload_blocked, 120, "a checkpoint upload waiting for the endpoint")
-    victim = train_workers()[-1]
+    victim = wait_for(lambda: len(w := train_workers()) == 2 and w, 30, "two train workers")[-1]
+    loader_children = victim.children(recursive=True)
+    assert loader_children, "the DataLoader worker is a child of the Ray worker"
+    killed_at = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(loader_children, timeout=10)
     proxy.up()
-    thread.join(RECOVERY_BOUND_S)
-    assert not thread.is_alive() and "error" not in out, out.get("error")
+    try:
+        assert not alive, f"DataLoader workers outlived their SIGKILLed parent: {alive}"
+        thread.join(RECOVERY_BOUND_S)
+        assert not thread.is_alive(), f"the run did not recover within {RECOVERY_BOUND_S} s of the kill"
+    finally:
+        for proc in alive:
+            proc.kill()
+    assert "error" not in out, out.get("error")
     outcome = out["result"]
     assert client.get_run(outcome.mlflow_run_id).info.status == "FINISHED"
     resumed = [m.value for m in client.get_metric_history(outcome.mlflow_run_id, "resumed_from_step")]
@@ -305,3 +287,4 @@ def test_kill_during_checkpoint_upload_resumes_from_the_previous_complete_one(
     assert loss_steps(client, outcome.mlflow_run_id) == list(range(1, 19)), "each step once"
     left = list(Path(tempfile.gettempdir()).glob(f"{checkpoint.TEMP_PREFIX}{victim.pid}-*"))
     assert left == [], "the killed worker's temp checkpoint is removed by the next save"
+    print(f"recovered from the SIGKILL in {time.monotonic() - killed_at:.0f} s, resumed at step 6")
