@@ -30,6 +30,11 @@ def assert_no_secret_leaked(tmp_path: Path, ray, captured) -> None:
         assert leaks == [], f"{name} leaked into {leaks}"
 
 
+def joining(ray, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that joins the suite's Ray (RAY_ADDRESS, as under `ray job submit`)."""
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, **extra}
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """A local Ray sized to this machine, started after the S3 env is set so workers inherit it."""
@@ -54,15 +59,17 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ~2 s, copying the file nothing."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    from cliplab.tracking.mlflow import local_artifact_root
+
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    SqlAlchemyStore(f"sqlite:///{path}", (path.parent / "mlartifacts").as_uri())  # not ./mlruns in the checkout
+    SqlAlchemyStore(f"sqlite:///{path}", local_artifact_root(f"sqlite:///{path}"))  # as cliplab's: not ./mlruns
     return path
 
 
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, mlflow_template: Path) -> str:
-    """A fresh sqlite MLflow store for one test: a copy of the session's empty store. A test that logs artifacts
-    gives its experiment an artifact_location (MLflow's default is ./mlruns in the working directory)."""
+    """A fresh sqlite MLflow store for one test: a copy of the session's empty store. An experiment a test makes
+    itself takes `local_artifact_root(uri)`, as cliplab's own do (MLflow's default is ./mlruns in the cwd)."""
     shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 

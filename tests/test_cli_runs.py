@@ -7,7 +7,6 @@ through every stage; the numbers are not the point, the exit code, the printed s
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cliplab.data.synth import SynthSpec, write_synthscenes
+from fixtures_services import joining
 from tiny_models import tiny_model
 
 TINY = tiny_model()
@@ -24,9 +24,13 @@ TINY = tiny_model()
 
 def cliplab(*args: str, cwd: Path, ray=None, timeout: int = 300) -> subprocess.CompletedProcess:
     """The command in a subprocess: on the suite's Ray when given one (RAY_ADDRESS, as on a cluster), else its own."""
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address} if ray else None
     return subprocess.run(
-        [sys.executable, "-m", "cliplab.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+        [sys.executable, "-m", "cliplab.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=joining(ray) if ray else None,
     )
 
 

@@ -21,7 +21,7 @@ from cliplab.errors import ConfigError
 from cliplab.sweep.config import load_sweep
 from cliplab.sweep.runner import run_sweep
 from cliplab.tracking.mlflow import ZERO_STAGE_USED, params_of
-from fixtures_services import assert_no_secret_leaked
+from fixtures_services import assert_no_secret_leaked, joining
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +164,7 @@ def test_interrupted_sweep_resumes_without_duplicate_children(ray_local, sweep_b
     import ray
 
     path = write_configs(tmp_path, mlflow_uri, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}}, scheduler={"name": "fifo"})
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    env = joining(ray, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "cliplab.cli", "sweep", str(path)]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

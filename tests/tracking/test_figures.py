@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -11,11 +9,12 @@ from mlflow.tracking import MlflowClient
 from cliplab.select.plots import score_histograms
 from cliplab.sweep.report import TrialRow, metric_vs_fields
 from cliplab.tracking.figures import log_figure
+from cliplab.tracking.mlflow import local_artifact_root
 
 
-def test_figures_land_on_the_run_as_pngs(mlflow_uri: str, tmp_path: Path) -> None:
+def test_figures_land_on_the_run_as_pngs(mlflow_uri: str) -> None:
     client = MlflowClient(mlflow_uri)
-    run = client.create_run(client.create_experiment("figures", (tmp_path / "artifacts").as_uri()))  # not ./mlruns
+    run = client.create_run(client.create_experiment("figures", local_artifact_root(mlflow_uri)))
     rng = np.random.default_rng(0)
     hist = score_histograms({"clip_score": rng.normal(size=50)}, rng.random(50) > 0.5, "t")
     log_figure(client, run.info.run_id, hist, "score_histograms.png")

@@ -23,6 +23,7 @@ from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.storage import s3
 from cliplab.train import checkpoint
 from cliplab.train.trainer import TrainingFailed, run_training
+from fixtures_services import joining
 from processes import train_workers
 from tiny_models import tiny_model
 
@@ -134,7 +135,7 @@ def test_sigint_marks_run_killed_and_resume_continues_it_once(ray_local, fault_s
     exp = experiment(tmp_path, mlflow_uri, fault_shards, train={"steps": 16}, tracking={"run_name": name})
     config = tmp_path / "experiment.yaml"
     config.write_text(dump_yaml(exp))
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    env = joining(ray_local)
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen(
             [sys.executable, "-m", "cliplab.cli", "train", str(config)], env=env, stdout=log, stderr=subprocess.STDOUT

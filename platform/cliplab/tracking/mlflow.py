@@ -32,13 +32,18 @@ def resolve_tracking_uri(exp: Experiment) -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """./mlartifacts beside a local sqlite store (MLflow's own default is ./mlruns in the working directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def default_artifact_location(uri: str, exp: Experiment) -> str | None:
     """Artifacts of a new experiment: the configured root, or ./mlartifacts beside a local sqlite store."""
     if exp.tracking.artifact_location:
         return exp.tracking.artifact_location.rstrip("/") + f"/{exp.tracking.experiment}"
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return None
+    return local_artifact_root(uri)
 
 
 def experiment_id(client: MlflowClient, exp: Experiment, uri: str) -> str:
