@@ -20,6 +20,7 @@ from cliplab.data.synth import SynthSpec, write_synthscenes
 from cliplab.errors import ConfigError
 from cliplab.select import uids as U
 from cliplab.select.closeloop import METHODS, check_base, close_loop, subset_indices
+from cliplab.tracking.mlflow import local_artifact_root
 
 MODEL = {
     "embed_dim": 16,
@@ -104,7 +105,7 @@ def test_closed_loop_trains_equal_subsets_as_sibling_runs(ray_local, s3_bucket, 
     scores_url, table = scored_pool(s3_bucket)
     write_synthscenes(f"s3://{s3_bucket}/val", SynthSpec(num_samples=16, samples_per_shard=16, image_size=32, seed=7))
     client = MlflowClient(mlflow_uri)
-    selection = client.create_run(client.create_experiment("select")).info.run_id
+    selection = client.create_run(client.create_experiment("select", local_artifact_root(mlflow_uri))).info.run_id
     prefix = f"s3://{s3_bucket}/select/closed_loop"
 
     loop = close_loop(scores_url, selection, 0.5, base_tree(s3_bucket, mlflow_uri, tmp_path), prefix, seed=3)
