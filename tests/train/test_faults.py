@@ -194,17 +194,17 @@ def losses(client: MlflowClient, run_id: str) -> dict[int, float]:
 def test_short_outages_during_shard_reads_and_checkpoint_upload_lose_nothing(
     ray_local, small_shards, tmp_path, mlflow_uri, proxy, capfd
 ):
-    def exp(name: str, experiment_name: str):
+    def exp(name: str, experiment_name: str, step_delay_s: float):
         sections = {
-            "train": {"steps": 12},
+            "train": {"steps": 12, "step_delay_s": step_delay_s},
             "storage": {"path": f"s3://{BUCKET}/runs/{tmp_path.name}-{name}", "outage_budget_s": 90},
             "tracking": {"tracking_uri": mlflow_uri, "experiment": experiment_name},
         }
         return experiment(tmp_path, mlflow_uri, small_shards, **sections)
 
-    reference = run_training(exp("reference", "faults-reference"))
+    reference = run_training(exp("reference", "faults-reference", 0.0))  # unpaced: the pause changes no loss
     client = MlflowClient(mlflow_uri)
-    outaged = exp("outages", "faults")
+    outaged = exp("outages", "faults", STEP_DELAY_S)
     thread, out = in_thread(run_training, outaged)
     wait_for(lambda: last_logged_step(client) >= 2, 300, "step 2")
     proxy.outage(12).join()  # shard reads: every reader opens a new shard every other step
@@ -228,7 +228,7 @@ def test_short_outages_during_shard_reads_and_checkpoint_upload_lose_nothing(
 def test_permanent_outage_fails_within_its_budget_naming_the_endpoint(
     ray_local, small_shards, tmp_path, mlflow_uri, proxy
 ):
-    budget = 20
+    budget = 10
     exp = experiment(tmp_path, mlflow_uri, small_shards, storage={"outage_budget_s": budget})
     thread, out = in_thread(run_training, exp)
     client = MlflowClient(mlflow_uri)
