@@ -8,10 +8,12 @@ continues the same MLflow run, whose id is kept next to the checkpoints.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -121,6 +123,16 @@ def loop_config(
     }
 
 
+def worker_ops_dir(prefix: str) -> str:
+    """The cache where Ray workers of the Python at `prefix` JIT-build DeepSpeed's ops (TORCH_EXTENSIONS_DIR).
+
+    A build's command names its venv's paths and the driver builds with other flags, so a cache shared with
+    the driver or with another venv is rebuilt (25-50 s on 2 cores) whenever the other side ran last.
+    """
+    digest = hashlib.sha256(prefix.encode()).hexdigest()[:12]
+    return str(Path.home() / ".cache" / "torch_extensions" / f"cliplab-ray-workers-{digest}")
+
+
 def build_trainer(
     exp: Experiment, run_name: str, loop_config: dict[str, Any], storage: str, callbacks: list[Any] | None = None
 ) -> TorchTrainer:
@@ -128,10 +140,7 @@ def build_trainer(
     s = exp.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     env = forwarded_env()
-    # DeepSpeed JIT-builds its ops into TORCH_EXTENSIONS_DIR; Ray workers and the driver build them with
-    # different flags, so sharing one cache makes each side rebuild (~40 s) after the other ran.
-    default_ops = Path.home() / ".cache" / "torch_extensions" / "cliplab-ray-workers"
-    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(default_ops)
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or worker_ops_dir(sys.prefix)
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     path, filesystem = stores.ray_storage(storage, stores.RetryPolicy(outage_budget_s=exp.storage.outage_budget_s))
